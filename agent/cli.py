@@ -1,0 +1,324 @@
+"""The fund-agent command line (CONTRACT.md section 4). Thin: it wires parts together and prints."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent import output
+from agent.config import Config, ConfigError, find_config, load_config
+from agent.ledger import queries
+from agent.ledger.db import Ledger, LedgerError, upgrade
+from agent.policy.load import Problem, load_policies, policy_files
+from agent.timeutil import parse_iso
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+LEDGER_COLUMNS = ["id", "created_at", "account", "kind", "amount", "currency", "state", "broker_txn_id", "policy",
+                  "equity", "error_code", "reason"]
+DECISION_COLUMNS = ["id", "at", "account", "policy", "action", "amount", "equity", "equity_age_s", "bound_by",
+                    "reason"]
+
+
+class Failure(Exception):
+    """An error for the user: printed as one line, exit 1."""
+
+
+def _config(ctx: click.Context) -> Config:
+    obj = ctx.ensure_object(dict)
+    if "config" not in obj:
+        obj["config"] = load_config(find_config(obj.get("config_path")))
+    return obj["config"]
+
+
+def _policies(config: Config) -> tuple[list[Any], list[Problem]]:
+    if not config.policies.exists():
+        raise Failure(f"policies: {config.policies} does not exist")
+    return load_policies(policy_files(config.policies))
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return "unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help="fund-agent.yaml (default: $FUND_AGENT_CONFIG or "
+              "./fund-agent.yaml)")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="fund-agent")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+    """fund-agent: keeps Deriv MT5 accounts funded and sweeps their profit, under your policy files."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---- check ----
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.pass_context
+def check(ctx: click.Context, paths: tuple[Path, ...]) -> None:
+    """Validate policy files (default: the configured ones). Prints FILE:LINE: message per problem."""
+    files: list[Path] = []
+    if paths:
+        for path in paths:
+            files.extend(policy_files(path) if path.is_dir() else [path])
+    else:
+        config = _config(ctx)
+        if not config.policies.exists():
+            raise Failure(f"policies: {config.policies} does not exist")
+        files = policy_files(config.policies)
+    if not files:
+        raise Failure("no policy files to check")
+    policies, problems = load_policies(files)
+    for problem in problems:
+        click.echo(str(problem))
+    for policy in policies:
+        click.echo(f"{policy.path}: ok ({policy.name}, {policy.mt5})", err=bool(problems))
+    if problems:
+        ctx.exit(EXIT_FAIL)
+
+
+# ---- run ----
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Evaluate every policy once, execute, wait for outcomes, exit.")
+@click.pass_context
+def run(ctx: click.Context, once: bool) -> None:
+    """The unattended service (or, with --once, a single pass)."""
+    from agent.engine.tick import Engine
+    from agent.timeutil import Clock
+    from agent.wiring import make_broker, make_source
+
+    config = _config(ctx)
+    policies, problems = _policies(config)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    if not once:
+        from agent.service import serve
+
+        ctx.exit(serve(config))
+    broker = make_broker(config)
+    ledger = Ledger.open(config.database)
+    clock = Clock()
+    source = make_source(config, clock, broker)
+    ok = not problems and bool(policies)
+    try:
+        broker.connect()
+        engine = Engine(ledger, broker, source, clock)
+        for policy in policies:
+            outcome = engine.tick(policy)
+            click.echo(_outcome_line(outcome))
+            ok = ok and outcome.ok
+    finally:
+        broker.close()
+        source.close()
+        ledger.close()
+    ctx.exit(EXIT_OK if ok else EXIT_FAIL)
+
+
+def _outcome_line(outcome: Any) -> str:
+    policy = outcome.policy
+    decision = outcome.decision
+    line = f"{policy.mt5} [{policy.name}] {decision.action}"
+    if decision.amount is not None:
+        line += f" {decision.amount} {policy.currency}"
+    if outcome.transfer is not None:
+        t = outcome.transfer
+        line += f" -> transfer {t['id']} {t['state']}"
+        if t["broker_txn_id"] is not None:
+            line += f" (broker txn {t['broker_txn_id']})"
+        if t["error_code"]:
+            line += f" ({t['error_code']}: {t['error_message']})"
+    return f"{line}: {decision.reason}"
+
+
+# ---- ledger and decisions ----
+
+def _filters(account: str | None, since: str | None, until: str | None, kind: str | None,
+             state: str | None) -> queries.Filters:
+    try:
+        return queries.Filters(account=account, since=parse_iso(since) if since else None,
+                               until=parse_iso(until) if until else None, kind=kind, state=state)
+    except ValueError as exc:
+        raise click.BadParameter(f"not an ISO 8601 date or time: {exc}") from None
+
+
+def _filter_options(func: Any) -> Any:
+    for option in reversed([
+        click.option("--account", help="MT5 login, e.g. MTR130002534"),
+        click.option("--since", metavar="ISO", help="from this UTC date or time (inclusive)"),
+        click.option("--until", metavar="ISO", help="up to this UTC date or time (exclusive)"),
+        click.option("--format", "fmt", type=click.Choice(output.FORMATS), default="table", show_default=True),
+    ]):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@_filter_options
+@click.option("--kind", type=click.Choice(["top_up", "sweep"]))
+@click.option("--state", type=click.Choice(["pending", "sent", "confirmed", "failed", "unknown"]))
+@click.option("--totals", is_flag=True, help="Sums by account and kind instead of rows.")
+@click.pass_context
+def ledger(ctx: click.Context, account: str | None, since: str | None, until: str | None, fmt: str,
+           kind: str | None, state: str | None, totals: bool) -> None:
+    """The transfer ledger."""
+    filters = _filters(account, since, until, kind, state)
+    records = _read(ctx, lambda s: [queries.transfer_record(t) for t in queries.list_transfers(s, filters)])
+    if totals:
+        records = _totals(records)
+        click.echo(output.render(records, fmt, ["account", "kind", "currency", "state", "count", "amount"]))
+        return
+    click.echo(output.render(records, fmt, LEDGER_COLUMNS))
+
+
+def _totals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from decimal import Decimal
+
+    sums: dict[tuple[str, str, str, str], list[Any]] = {}
+    for r in records:
+        key = (r["account"], r["kind"], r["currency"], r["state"])
+        entry = sums.setdefault(key, [0, Decimal(0)])
+        entry[0] += 1
+        entry[1] += Decimal(r["amount"])
+    return [{"account": k[0], "kind": k[1], "currency": k[2], "state": k[3], "count": v[0], "amount": str(v[1])}
+            for k, v in sorted(sums.items())]
+
+
+@cli.command()
+@_filter_options
+@click.option("--kind", help="action: top_up, sweep or none")
+@click.option("--state", help="same as --kind (decisions have an action, not a state)")
+@click.pass_context
+def decisions(ctx: click.Context, account: str | None, since: str | None, until: str | None, fmt: str,
+              kind: str | None, state: str | None) -> None:
+    """Every evaluation, including those that did nothing, and why."""
+    filters = _filters(account, since, until, kind, state)
+    records = _read(ctx, lambda s: [queries.decision_record(d) for d in queries.list_decisions(s, filters)])
+    click.echo(output.render(records, fmt, DECISION_COLUMNS))
+
+
+def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
+    config = _config(ctx)
+    opened = Ledger.open_readonly(config.database)
+    if opened is None:
+        return []
+    try:
+        with opened.session() as session:
+            return query(session)
+    finally:
+        opened.close()
+
+
+# ---- halts ----
+
+@cli.command()
+@click.argument("account")
+@click.option("--reason", required=True, help="Why: recorded in the ledger.")
+@click.pass_context
+def halt(ctx: click.Context, account: str, reason: str) -> None:
+    """Stop top-ups of ACCOUNT until `fund-agent resume ACCOUNT`."""
+    from agent.timeutil import utcnow
+
+    config = _config(ctx)
+    ledger_ = Ledger.open(config.database)
+    try:
+        with ledger_.session() as session:
+            queries.add_halt(session, account, "operator", reason, utcnow(), f"operator:{_operator()}")
+            session.commit()
+    finally:
+        ledger_.close()
+    click.echo(f"{account}: halted ({reason})")
+
+
+@cli.command()
+@click.argument("account")
+@click.pass_context
+def resume(ctx: click.Context, account: str) -> None:
+    """Clear every halt of ACCOUNT (operator and kill switch)."""
+    from agent.timeutil import utcnow
+
+    config = _config(ctx)
+    ledger_ = Ledger.open(config.database)
+    try:
+        with ledger_.session() as session:
+            cleared = queries.clear_halts(session, account, utcnow(), f"operator:{_operator()}")
+            session.commit()
+    finally:
+        ledger_.close()
+    click.echo(f"{account}: resumed ({cleared} halt(s) cleared)" if cleared else f"{account}: was not halted")
+
+
+# ---- db ----
+
+@cli.group()
+def db() -> None:
+    """Ledger database maintenance."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply the ledger migrations (run also does this at start)."""
+    config = _config(ctx)
+    before, after, backup = upgrade(config.database)
+    if before == after:
+        click.echo(f"ledger already at revision {after}")
+    else:
+        click.echo(f"ledger upgraded from {before or 'empty'} to {after}"
+                   + (f" (copy of the old file: {backup})" if backup else ""))
+
+
+# ---- demo ----
+
+@cli.command()
+@click.option("--seconds", type=float, default=20.0, show_default=True, help="How long to run.")
+@click.option("--speed", type=float, default=600.0, show_default=True, help="Virtual seconds per real second.")
+@click.option("--seed", type=int, default=7, show_default=True)
+def demo(seconds: float, speed: float, seed: int) -> None:
+    """The whole system on the embedded default, offline: simulated MT5, loopback broker, temporary ledger."""
+    from agent.demo import run_demo
+
+    run_demo(seconds=seconds, speed=speed, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        code = cli.main(args=args, prog_name="fund-agent", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_FAIL)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_FAIL)
+    except (Failure, ConfigError, LedgerError) as exc:
+        click.echo(f"fund-agent: error: {exc}", err=True)
+        sys.exit(EXIT_FAIL)
+    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback unless --debug
+        if debug:
+            raise
+        from agent.broker.errors import BrokerError
+
+        prefix = "broker error" if isinstance(exc, BrokerError) else type(exc).__name__
+        click.echo(f"fund-agent: error: {prefix}: {exc}", err=True)
+        sys.exit(EXIT_FAIL)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

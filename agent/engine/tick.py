@@ -1,0 +1,155 @@
+"""One evaluation of one account: read, decide (pure), record, and execute what was decided."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from agent import money
+from agent.broker.deriv import DerivClient
+from agent.broker.errors import BrokerError
+from agent.engine import transfers
+from agent.equity.base import EquitySource, NoReading, Snapshot
+from agent.ledger import queries
+from agent.ledger.db import Ledger
+from agent.policy.evaluate import BrokerLimits, Decision, evaluate
+from agent.policy.model import Policy
+from agent.timeutil import Clock
+
+log = logging.getLogger("agent.engine")
+
+STATUS_TTL = 3600.0  # website_status limits change rarely: re-read hourly
+
+
+@dataclass
+class TickOutcome:
+    policy: Policy
+    decision: Decision
+    snapshot: Snapshot | None
+    transfer: dict[str, Any] | None = None
+
+    @property
+    def had_reading(self) -> bool:
+        return self.snapshot is not None and self.decision.bound_by not in ("stale", "no_reading", "currency")
+
+    @property
+    def ok(self) -> bool:
+        """A usable reading, an evaluation, and any transfer started ended confirmed."""
+        if not self.had_reading or self.decision.bound_by == "unresolved":
+            return False
+        return self.transfer is None or self.transfer["state"] == "confirmed"
+
+
+class Engine:
+    def __init__(self, ledger: Ledger | None, broker: DerivClient | None, source: EquitySource, clock: Clock,
+                 on_outcome: Callable[[TickOutcome], None] | None = None) -> None:
+        self.ledger = ledger
+        self.broker = broker
+        self.source = source
+        self.clock = clock
+        self.on_outcome = on_outcome
+        self._status: tuple[float, dict[str, Any]] | None = None
+
+    # ---- broker facts ----
+
+    def broker_limits(self, currency: str) -> BrokerLimits:
+        if self.broker is None:
+            return BrokerLimits()
+        if self._status is None or time.monotonic() - self._status[0] > STATUS_TTL:
+            self._status = (time.monotonic(), self.broker.website_status())
+        config = (self._status[1].get("currencies_config") or {}).get(currency) or {}
+        mt5 = (config.get("transfer_between_accounts") or {}).get("limits_mt5") or {}
+        daily = ((self.broker.get_limits().get("daily_transfers") or {}).get("mt5") or {})
+
+        def dec(value: Any) -> Decimal | None:
+            return Decimal(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
+
+        def whole(value: Any) -> int | None:
+            return int(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
+
+        return BrokerLimits(min_amount=dec(mt5.get("min")), max_amount=dec(mt5.get("max")),
+                            daily_count=whole(daily.get("allowed")), daily_available=whole(daily.get("available")))
+
+    def _needs_broker(self, policy: Policy, snapshot: Snapshot) -> bool:
+        if policy.top_up is not None and snapshot.equity < policy.top_up.when_equity_below:
+            return True
+        return policy.sweep is not None and snapshot.equity > policy.sweep.when_equity_above
+
+    # ---- one evaluation ----
+
+    def tick(self, policy: Policy, execute: bool = True) -> TickOutcome:
+        """execute=False is `plan`: the same reads and decision, no writes, nothing sent."""
+        now = self.clock.now()
+        snapshot: Snapshot | None = None
+        no_reading = None
+        try:
+            snapshot = self.source.read(policy.mt5, policy.schedule.max_equity_age.total_seconds())
+        except NoReading as exc:
+            no_reading = str(exc)
+        usage = queries.Usage()
+        if self.ledger is not None:
+            with self.ledger.session() as session:
+                usage = queries.usage(session, policy.mt5, now)
+        funding_balance = None
+        limits = BrokerLimits()
+        broker_error = None
+        if snapshot is not None and self.broker is not None and self._needs_broker(policy, snapshot) \
+                and not usage.unresolved:
+            try:
+                limits = self.broker_limits(policy.currency)
+                balance, currency = self.broker.balance(policy.funding)
+                if currency == policy.currency:
+                    funding_balance = balance
+                else:
+                    broker_error = f"funding account {policy.funding} is in {currency}, not {policy.currency}"
+            except BrokerError as exc:
+                broker_error = f"broker error reading limits and balance: {exc.code}: {exc.message}"
+        decision = evaluate(policy, snapshot, usage, now, no_reading=no_reading, funding_balance=funding_balance,
+                            broker=limits)
+        if broker_error and decision.transfers:
+            decision = Decision("none", None, broker_error, bound_by="broker", details=decision.details)
+        outcome = TickOutcome(policy, decision, snapshot)
+        if execute and self.ledger is not None:
+            self._record_and_execute(policy, snapshot, outcome, now)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
+
+    def _record_and_execute(self, policy: Policy, snapshot: Snapshot | None, outcome: TickOutcome, now) -> None:
+        assert self.ledger is not None
+        decision = outcome.decision
+        equity = snapshot.equity if snapshot is not None else None
+        age = int((now - snapshot.taken_at).total_seconds()) if snapshot is not None else None
+        transfer = None
+        if decision.transfers and self.broker is not None and equity is not None:
+            assert decision.amount is not None
+            try:
+                transfer = transfers.create_intent(
+                    self.ledger, at=now, account=policy.mt5, funding=policy.funding, kind=decision.action,
+                    amount=decision.amount, currency=policy.currency, policy=policy.name,
+                    policy_sha256=policy.sha256, equity=equity, reason=decision.reason)
+            except transfers.AccountBusy as exc:
+                decision = Decision("none", None, f"blocked: {exc}", bound_by="unresolved",
+                                    details=decision.details)
+                outcome.decision = decision
+        with self.ledger.session() as session:
+            queries.record_decision(session, now, policy.mt5, policy.name, policy.sha256, decision,
+                                    policy.currency, equity, age, transfer_id=transfer.id if transfer else None)
+            if snapshot is not None and outcome.had_reading:
+                queries.note_equity(session, policy.mt5, snapshot.equity, now)
+            if decision.kill_switch:
+                queries.add_halt(session, policy.mt5, "kill_switch", decision.kill_switch, now, "agent")
+            session.commit()
+        if transfer is not None:
+            assert self.broker is not None
+            done = transfers.execute(self.ledger, self.broker, transfer, self.clock)
+            outcome.transfer = queries.transfer_record(done)
+            if done.state == "confirmed":
+                apply = getattr(self.source, "apply_transfer", None)
+                if apply is not None:
+                    sign = 1 if done.kind == "top_up" else -1
+                    apply(policy.mt5, sign * money.from_minor(done.amount_minor, done.currency))

@@ -1,0 +1,145 @@
+"""Ledger tables. Amounts are integer minor units (SQLite has no decimal type); rows are never deleted."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Alembic batch mode on SQLite needs named constraints to alter them later.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TRANSFER_STATES = ("pending", "sent", "confirmed", "failed", "unknown")
+UNRESOLVED_STATES = ("pending", "sent", "unknown")
+KINDS = ("top_up", "sweep")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Fixed-width ISO 8601 UTC text, so that SQL string comparison is time order."""
+
+    impl = String(27)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> str | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger: times must be UTC-aware")
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def process_result_value(self, value: str | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Transfer(Base):
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    account: Mapped[str] = mapped_column(String(32), nullable=False)
+    funding: Mapped[str] = mapped_column(String(32), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    amount_minor: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str] = mapped_column(String(12), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    # UNIQUE: one broker transaction confirms at most one ledger row.
+    broker_txn_id: Mapped[int | None] = mapped_column(BigInteger, unique=True, nullable=True)
+    policy: Mapped[str] = mapped_column(String(200), nullable=False)
+    policy_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    equity: Mapped[str] = mapped_column(String(40), nullable=False)  # the triggering reading, exact text
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('pending','sent','confirmed','failed','unknown')", name="state"),
+        CheckConstraint("kind IN ('top_up','sweep')", name="kind"),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        # One unresolved transfer per account, enforced by the database, not only by the scheduler.
+        Index("uq_transfers_one_open_per_account", "account", unique=True,
+              sqlite_where="state IN ('pending','sent','unknown')",
+              postgresql_where="state IN ('pending','sent','unknown')"),
+        Index("ix_transfers_account_created", "account", "created_at"),
+    )
+
+
+class TransferEvent(Base):
+    __tablename__ = "transfer_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("transfers.id"), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)  # "agent", "reconcile", "operator:<user>"
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DecisionRow(Base):
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    account: Mapped[str] = mapped_column(String(32), nullable=False)
+    policy: Mapped[str] = mapped_column(String(200), nullable=False)
+    policy_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)  # top_up | sweep | none | error
+    amount: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(12), nullable=True)
+    equity: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    equity_age_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    bound_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON object
+    transfer_id: Mapped[int | None] = mapped_column(ForeignKey("transfers.id"), nullable=True)
+
+    __table_args__ = (Index("ix_decisions_account_at", "account", "at"),)
+
+
+class Halt(Base):
+    """A persistent latch: only `fund-agent resume` clears it (sets cleared_at)."""
+
+    __tablename__ = "halts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # operator | kill_switch | unresolved
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)  # top_up | all
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    created_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    cleared_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    cleared_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class EquityPeak(Base):
+    __tablename__ = "equity_peaks"
+
+    account: Mapped[str] = mapped_column(String(32), primary_key=True)
+    peak: Mapped[str] = mapped_column(String(40), nullable=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

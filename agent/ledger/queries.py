@@ -1,0 +1,198 @@
+"""Reads and writes of the ledger that the engine and the CLI share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from agent import money
+from agent.ledger.models import UNRESOLVED_STATES, DecisionRow, EquityPeak, Halt, Transfer, TransferEvent
+from agent.policy.evaluate import Decision, KindUsage, Usage
+from agent.timeutil import iso
+
+COUNTED_STATES = ("pending", "sent", "confirmed", "unknown")  # everything that may have moved money
+
+
+def amount_of(t: Transfer) -> Decimal:
+    return money.from_minor(t.amount_minor, t.currency)
+
+
+def transfer_record(t: Transfer) -> dict[str, Any]:
+    """The ledger record of CONTRACT.md section 4."""
+    return {
+        "id": t.id,
+        "created_at": iso(t.created_at),
+        "account": t.account,
+        "funding": t.funding,
+        "kind": t.kind,
+        "amount": money.fmt(amount_of(t), t.currency),
+        "currency": t.currency,
+        "state": t.state,
+        "broker_txn_id": t.broker_txn_id,
+        "policy": t.policy,
+        "policy_sha256": t.policy_sha256,
+        "equity": t.equity,
+        "reason": t.reason,
+        "error_code": t.error_code,
+        "error_message": t.error_message,
+        "updated_at": iso(t.updated_at),
+        "sent_at": iso(t.sent_at) if t.sent_at else None,
+        "resolved_by": t.resolved_by,
+    }
+
+
+def decision_record(d: DecisionRow) -> dict[str, Any]:
+    return {
+        "id": d.id, "at": iso(d.at), "account": d.account, "policy": d.policy,
+        "policy_sha256": d.policy_sha256, "action": d.action, "amount": d.amount, "currency": d.currency,
+        "equity": d.equity, "equity_age_s": d.equity_age_s, "reason": d.reason, "bound_by": d.bound_by,
+        "transfer_id": d.transfer_id, "details": json.loads(d.details) if d.details else {},
+    }
+
+
+def add_event(session: Session, transfer: Transfer, at: datetime, actor: str, detail: str | None = None) -> None:
+    session.add(TransferEvent(transfer_id=transfer.id, at=at, state=transfer.state, actor=actor, detail=detail))
+
+
+def unresolved(session: Session, account: str | None = None) -> list[Transfer]:
+    query = select(Transfer).where(Transfer.state.in_(UNRESOLVED_STATES)).order_by(Transfer.id)
+    if account is not None:
+        query = query.where(Transfer.account == account)
+    return list(session.scalars(query))
+
+
+def active_halts(session: Session, account: str) -> list[Halt]:
+    return list(session.scalars(select(Halt).where(Halt.account == account, Halt.cleared_at.is_(None))
+                                .order_by(Halt.id)))
+
+
+def add_halt(session: Session, account: str, kind: str, reason: str, at: datetime, by: str,
+             scope: str = "top_up") -> Halt:
+    halt = Halt(account=account, kind=kind, scope=scope, reason=reason, created_at=at, created_by=by)
+    session.add(halt)
+    return halt
+
+
+def clear_halts(session: Session, account: str, at: datetime, by: str) -> int:
+    halts = active_halts(session, account)
+    for halt in halts:
+        halt.cleared_at = at
+        halt.cleared_by = by
+    return len(halts)
+
+
+def peak_equity(session: Session, account: str) -> Decimal | None:
+    row = session.get(EquityPeak, account)
+    return Decimal(row.peak) if row else None
+
+
+def note_equity(session: Session, account: str, equity: Decimal, at: datetime) -> None:
+    row = session.get(EquityPeak, account)
+    if row is None:
+        session.add(EquityPeak(account=account, peak=str(equity), at=at))
+    elif equity > Decimal(row.peak):
+        row.peak = str(equity)
+        row.at = at
+
+
+def _kind_usage(session: Session, account: str, kind: str, now: datetime) -> KindUsage:
+    counted = (Transfer.account == account, Transfer.kind == kind, Transfer.state.in_(COUNTED_STATES))
+    total_count, total_minor = session.execute(
+        select(func.count(Transfer.id), func.coalesce(func.sum(Transfer.amount_minor), 0)).where(*counted)).one()
+    recent = session.scalars(select(Transfer).where(*counted, Transfer.created_at > now - timedelta(days=7))
+                             .order_by(Transfer.created_at)).all()
+    last = session.scalars(select(Transfer.created_at).where(*counted).order_by(Transfer.created_at.desc())
+                           .limit(1)).first()
+    currency = recent[0].currency if recent else None
+    if currency is None:
+        currency = session.scalars(select(Transfer.currency).where(*counted).limit(1)).first() or "USD"
+    return KindUsage(recent=tuple((t.created_at, amount_of(t)) for t in recent), total_count=int(total_count),
+                     total_amount=money.from_minor(int(total_minor), currency), last_at=last)
+
+
+def usage(session: Session, account: str, now: datetime) -> Usage:
+    """What the ledger says about this account, counting unresolved transfers as if they happened."""
+    top_up = _kind_usage(session, account, "top_up", now)
+    sweep = _kind_usage(session, account, "sweep", now)
+    last_sweep = session.scalars(select(Transfer.id).where(
+        Transfer.account == account, Transfer.kind == "sweep", Transfer.state == "confirmed")
+        .order_by(Transfer.id.desc()).limit(1)).first()
+    since = select(func.count(Transfer.id)).where(Transfer.account == account, Transfer.kind == "top_up",
+                                                  Transfer.state.in_(COUNTED_STATES))
+    if last_sweep is not None:
+        since = since.where(Transfer.id > last_sweep)
+    consecutive = int(session.execute(since).scalar_one())
+    confirmed_sweeps = session.execute(select(func.coalesce(func.sum(Transfer.amount_minor), 0)).where(
+        Transfer.account == account, Transfer.kind == "sweep", Transfer.state == "confirmed")).scalar_one()
+    currency = session.scalars(select(Transfer.currency).where(Transfer.account == account).limit(1)).first()
+    net = top_up.total_amount - (money.from_minor(int(confirmed_sweeps), currency) if currency else Decimal(0))
+    halts = active_halts(session, account)
+    halt_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts) or None
+    open_rows = unresolved(session, account)
+    blocked = None
+    if open_rows:
+        t = open_rows[0]
+        blocked = (f"transfer {t.id} ({t.kind} {money.fmt(amount_of(t), t.currency)}) is {t.state}; "
+                   "resolve it with `fund-agent reconcile` or `fund-agent resolve`")
+    return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=net,
+                 peak_equity=peak_equity(session, account), top_up_halt=halt_reason, unresolved=blocked)
+
+
+def record_decision(session: Session, at: datetime, account: str, policy: str, policy_sha256: str | None,
+                    decision: Decision, currency: str | None, equity: Decimal | None, equity_age_s: int | None,
+                    transfer_id: int | None = None, action: str | None = None) -> DecisionRow:
+    row = DecisionRow(at=at, account=account, policy=policy, policy_sha256=policy_sha256,
+                      action=action or decision.action,
+                      amount=money.fmt(decision.amount, currency) if decision.amount is not None and currency
+                      else None,
+                      currency=currency, equity=str(equity) if equity is not None else None,
+                      equity_age_s=equity_age_s, reason=decision.reason, bound_by=decision.bound_by,
+                      details=json.dumps(decision.details, sort_keys=True) if decision.details else None,
+                      transfer_id=transfer_id)
+    session.add(row)
+    return row
+
+
+@dataclass(frozen=True)
+class Filters:
+    account: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    kind: str | None = None
+    state: str | None = None
+
+
+def list_transfers(session: Session, filters: Filters) -> list[Transfer]:
+    query = select(Transfer).order_by(Transfer.id)
+    if filters.account:
+        query = query.where(Transfer.account == filters.account)
+    if filters.since:
+        query = query.where(Transfer.created_at >= filters.since)
+    if filters.until:
+        query = query.where(Transfer.created_at < filters.until)
+    if filters.kind:
+        query = query.where(Transfer.kind == filters.kind)
+    if filters.state:
+        query = query.where(Transfer.state == filters.state)
+    return list(session.scalars(query))
+
+
+def list_decisions(session: Session, filters: Filters) -> list[DecisionRow]:
+    query = select(DecisionRow).order_by(DecisionRow.id)
+    if filters.account:
+        query = query.where(DecisionRow.account == filters.account)
+    if filters.since:
+        query = query.where(DecisionRow.at >= filters.since)
+    if filters.until:
+        query = query.where(DecisionRow.at < filters.until)
+    if filters.kind:
+        query = query.where(DecisionRow.action == filters.kind)
+    if filters.state:
+        query = query.where(DecisionRow.action == filters.state)
+    return list(session.scalars(query))

@@ -1,0 +1,35 @@
+"""Builds the parts named by a Config: the broker client and the equity source."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from agent.broker.deriv import READ_SCOPES, TRANSFER_SCOPES, DerivClient
+from agent.config import Config, ConfigError
+from agent.equity.base import EquitySource
+from agent.timeutil import Clock
+
+
+def make_broker(config: Config, transfers: bool = True) -> DerivClient:
+    """Reads the token from the environment (MissingSecret names the variable if it is not set)."""
+    scopes = READ_SCOPES + TRANSFER_SCOPES if transfers else READ_SCOPES
+    return DerivClient(config.broker.url, config.broker.resolved_app_id(), config.broker.token(),
+                       timeout=config.broker.timeout, required_scopes=scopes)
+
+
+def make_source(config: Config, clock: Clock, broker: DerivClient | None = None) -> EquitySource:
+    eq = config.equity
+    if eq.source == "ea-file":
+        from agent.equity.ea_file import EaFileSource
+
+        assert eq.dir is not None
+        return EaFileSource(eq.dir, clock)
+    if eq.source == "simulated":
+        from agent.equity.simulated import SimulatedSource
+
+        opts = eq.options
+        return SimulatedSource(clock, seed=int(opts.get("seed", 1)),
+                               start_equity=Decimal(str(opts.get("start_equity", "450"))),
+                               volatility=Decimal(str(opts.get("volatility", "40"))),
+                               drift=Decimal(str(opts.get("drift", "0"))))
+    raise ConfigError(f"equity.source {eq.source!r} is not available in this build yet")

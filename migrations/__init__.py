@@ -1,0 +1,1 @@
+"""Alembic migrations of the fund-agent ledger (shipped inside the wheel as agent.migrations)."""

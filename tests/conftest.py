@@ -1,0 +1,67 @@
+"""Shared fixtures: a real Deriv-protocol server on 127.0.0.1, real SQLite files, real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.broker.fake import FakeDeriv
+
+TOKEN = "test-token-5e3cr3t-value"
+FUNDING = "CR4000128"
+MT5 = "MTR130002534"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake():
+    server = FakeDeriv()
+    server.add_account(FUNDING, "USD", "10000.00")
+    server.add_account(MT5, "USD", "450.00", mt5=True)
+    server.add_token(TOKEN, FUNDING, ("read", "payments"))
+    server.add_token("read-only-token", FUNDING, ("read",))
+    server.start()
+    yield server
+    server.stop()
+    assert not server.bad_replies, server.bad_replies
+
+
+def write_status(directory: Path, login: int = 130002534, equity: str = "450.00", *, age: float = 0.0,
+                 connected: bool = True, **extra: object) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    body = {"schema": 1, "login": login, "server": "DerivSVG-Server", "currency": "USD", "balance": 450.00,
+            "equity": "EQUITY", "margin": 0, "margin_free": 450.00, "margin_level": 0, "positions": 0,
+            "connected": connected, "time": int(time.time() - age)}
+    body.update(extra)
+    text = json.dumps(body).replace('"EQUITY"', equity)
+    path = directory / f"status-{login}.json"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, fake: FakeDeriv):
+    """A config dir with the ea-file source, one policy and the fake broker's URL."""
+    (tmp_path / "policies").mkdir()
+    policy = (REPO / "policies" / "example.yaml").read_text()
+    (tmp_path / "policies" / "example.yaml").write_text(policy)
+    (tmp_path / "fund-agent.yaml").write_text(
+        "database: sqlite:///ledger.db\n"
+        "policies: policies/\n"
+        f"broker:\n  url: {fake.url}\n  app_id: 1089\n  token_env: DERIV_API_TOKEN\n  timeout: 5s\n"
+        "equity:\n  source: ea-file\n  dir: status\n")
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DERIV_", "FUND_AGENT_"))}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
