@@ -94,8 +94,11 @@ def upgrade(url: str, now: datetime | None = None) -> tuple[str | None, str | No
         if before is not None and before != head and path is not None and path.exists():
             stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
             backup = path.with_name(f"{path.name}.bak-{before}-{stamp}")
-            with engine.connect() as conn:  # checkpoint so the copy holds everything
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")
+            raw = engine.raw_connection()  # checkpoint (outside a transaction) so the copy holds everything
+            try:
+                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
             shutil.copy2(path, backup)
         if before != head:
             cfg = alembic_config(url)
