@@ -15,6 +15,7 @@ from agent.config import Config, ConfigError, find_config, load_config
 from agent.ledger import queries
 from agent.ledger.db import Ledger, LedgerError, upgrade
 from agent.policy.load import Problem, load_policies, policy_files
+from agent.policy.warnings import DEFAULT_BROKER, broker_warnings
 from agent.timeutil import parse_iso
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -84,8 +85,13 @@ def check(ctx: click.Context, paths: tuple[Path, ...]) -> None:
     policies, problems = load_policies(files)
     for problem in problems:
         click.echo(str(problem))
+    source = None
+    if not paths:
+        source = _config(ctx).equity.source
     for policy in policies:
-        click.echo(f"{policy.path}: ok ({policy.name}, {policy.mt5})", err=bool(problems))
+        for warning in broker_warnings(policy, DEFAULT_BROKER, live=False, source=source):
+            click.echo(str(warning))
+        click.echo(f"{policy.path}: ok ({policy.name}, {policy.mt5})")
     if problems:
         ctx.exit(EXIT_FAIL)
 
@@ -142,6 +148,70 @@ def _outcome_line(outcome: Any) -> str:
         if t["error_code"]:
             line += f" ({t['error_code']}: {t['error_message']})"
     return f"{line}: {decision.reason}"
+
+
+# ---- plan ----
+
+@cli.command()
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when a transfer would be made.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
+    """What `run --once` would do now, and why. Sends nothing, writes nothing."""
+    import json as _json
+
+    from agent.engine.tick import Engine
+    from agent.timeutil import Clock
+    from agent.wiring import make_broker, make_source
+
+    config = _config(ctx)
+    policies, problems = _policies(config)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    broker = make_broker(config, transfers=False)
+    ledger_ = Ledger.open_readonly(config.database)
+    clock = Clock()
+    source = make_source(config, clock, broker)
+    would_transfer = False
+    rows = []
+    try:
+        broker.connect()
+        engine = Engine(ledger_, broker, source, clock)
+        for policy in policies:
+            outcome = engine.tick(policy, execute=False)
+            limits = engine.broker_limits(policy.currency)
+            decision = outcome.decision
+            would_transfer = would_transfer or decision.transfers
+            rows.append({
+                "account": policy.mt5, "policy": policy.name, "policy_sha256": policy.sha256,
+                "equity": str(outcome.snapshot.equity) if outcome.snapshot else None,
+                "action": decision.action, "amount": str(decision.amount) if decision.amount is not None else None,
+                "bound_by": decision.bound_by, "reason": decision.reason,
+                "windows": {k: v for k, v in decision.details.items() if "." in k},
+                "warnings": [str(w) for w in broker_warnings(policy, limits, live=True,
+                                                              source=config.equity.source)],
+            })
+    finally:
+        broker.close()
+        source.close()
+        if ledger_ is not None:
+            ledger_.close()
+    if fmt == "json":
+        click.echo(_json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            amount = f" {row['amount']}" if row["amount"] else ""
+            click.echo(f"{row['account']} [{row['policy']}] equity {row['equity']}: would {row['action']}{amount}")
+            click.echo(f"  why: {row['reason']}")
+            if row["bound_by"]:
+                click.echo(f"  binding: {row['bound_by']}")
+            for name, used in row["windows"].items():
+                click.echo(f"  used {name}: {used}")
+            for warning in row["warnings"]:
+                click.echo(f"  {warning}")
+    if problems:
+        ctx.exit(EXIT_FAIL)
+    ctx.exit(2 if detailed_exitcode and would_transfer else EXIT_OK)
 
 
 # ---- ledger and decisions ----

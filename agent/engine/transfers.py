@@ -18,8 +18,8 @@ from agent import money
 from agent.broker.deriv import DerivClient
 from agent.broker.errors import BrokerError
 from agent.ledger.db import Ledger
-from agent.ledger.queries import add_event
 from agent.ledger.models import Transfer
+from agent.ledger.queries import add_event
 from agent.timeutil import Clock
 
 log = logging.getLogger("agent.transfers")

@@ -7,7 +7,7 @@ nothing) is in the Decision, so that it can be recorded and shown to an operator
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
 from agent import money
@@ -103,14 +103,31 @@ def _apply_caps(wanted: Decimal, caps: list[tuple[str, Decimal, str]], currency:
     return money.round_down(amount, currency), bound, why
 
 
-def _window_caps(kind: str, limits: KindLimits, usage: KindUsage, now: datetime, cur: str,
-                 details: dict[str, str]) -> tuple[list[tuple[str, Decimal, str]], str | None]:
+def usage_details(policy: Policy, usage: Usage, now: datetime) -> dict[str, str]:
+    """'top_up.per_24h' -> '1 transfers, 550.00 USD used; limit count 3, amount 2000.00' for every window."""
+    cur = policy.currency
+    out: dict[str, str] = {}
+    for kind, limits, kind_usage in (("top_up", policy.limits.top_up, usage.top_up),
+                                     ("sweep", policy.limits.sweep, usage.sweep)):
+        for name in WINDOWS:
+            count, amount = kind_usage.window(name, now)
+            text = f"{count} transfers, {_fmt(amount, cur)} {cur} used"
+            window = limits.windows.get(name)
+            if window is not None:
+                bounds = ([f"count {window.count}"] if window.count is not None else []) + (
+                    [f"amount {_fmt(window.amount, cur)}"] if window.amount is not None else [])
+                text += f"; limit {', '.join(bounds)}"
+            out[f"{kind}.{name}"] = text
+    return out
+
+
+def _window_caps(kind: str, limits: KindLimits, usage: KindUsage, now: datetime,
+                 cur: str) -> tuple[list[tuple[str, Decimal, str]], str | None]:
     """Amount caps from the policy's rolling windows, or a reason why a count window is full."""
     caps: list[tuple[str, Decimal, str]] = []
     for name in WINDOWS:
         window = limits.windows.get(name)
         count, amount = usage.window(name, now)
-        details[f"{kind}.{name}"] = f"{count} transfers, {_fmt(amount, cur)} {cur}"
         if window is None:
             continue
         if window.count is not None and count >= window.count:
@@ -144,7 +161,8 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
         return Decision("none", None, f"no equity reading: {no_reading or 'source gave nothing'}",
                         bound_by="no_reading")
     details = {"equity": str(snapshot.equity), "equity_taken_at": iso(snapshot.taken_at),
-               "equity_age_s": str(int((now - snapshot.taken_at).total_seconds()))}
+               "equity_age_s": str(int((now - snapshot.taken_at).total_seconds())),
+               **usage_details(policy, usage, now)}
     age = now - snapshot.taken_at
     if age > policy.schedule.max_equity_age:
         return Decision("none", None, f"equity reading is {fmt_duration(age)} old, older than max_equity_age "
@@ -206,7 +224,7 @@ def _sized(kind: str, fired: str, wanted: Decimal, min_amount: Decimal | None, m
     caps: list[tuple[str, Decimal, str]] = []
     if max_amount is not None:
         caps.append((f"{kind}.max_amount", max_amount, f"{kind}.max_amount {_fmt(max_amount, cur)}"))
-    window_caps, full = _window_caps(kind, limits, kind_usage, now, cur, details)
+    window_caps, full = _window_caps(kind, limits, kind_usage, now, cur)
     if full:
         return Decision("none", None, f"{fired}; {full}", bound_by=full.split(" ")[0], details=details)
     caps += window_caps
