@@ -12,8 +12,6 @@ import click
 
 from agent import output
 from agent.config import Config, ConfigError, find_config, load_config
-from agent.ledger import queries
-from agent.ledger.db import Ledger, LedgerError, upgrade
 from agent.policy.load import Problem, load_policies, policy_files
 from agent.policy.warnings import DEFAULT_BROKER, broker_warnings
 from agent.timeutil import parse_iso
@@ -104,8 +102,9 @@ def check(ctx: click.Context, paths: tuple[Path, ...]) -> None:
 def run(ctx: click.Context, once: bool) -> None:
     """The unattended service (or, with --once, a single pass)."""
     from agent.engine.tick import Engine
+    from agent.ledger.db import Ledger
     from agent.timeutil import Clock
-    from agent.wiring import make_broker, make_source
+    from agent.wiring import make_broker, make_reconciler, make_source
 
     config = _config(ctx)
     policies, problems = _policies(config)
@@ -122,7 +121,10 @@ def run(ctx: click.Context, once: bool) -> None:
     ok = not problems and bool(policies)
     try:
         broker.connect()
-        engine = Engine(ledger, broker, source, clock)
+        reconciler = make_reconciler(config, ledger, broker, clock)
+        for verdict in reconciler.run():
+            click.echo(f"reconcile: {verdict}")
+        engine = Engine(ledger, broker, source, clock, reconciler=reconciler)
         for policy in policies:
             outcome = engine.tick(policy)
             click.echo(_outcome_line(outcome))
@@ -161,6 +163,7 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
     import json as _json
 
     from agent.engine.tick import Engine
+    from agent.ledger.db import Ledger
     from agent.timeutil import Clock
     from agent.wiring import make_broker, make_source
 
@@ -217,7 +220,9 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
 # ---- ledger and decisions ----
 
 def _filters(account: str | None, since: str | None, until: str | None, kind: str | None,
-             state: str | None) -> queries.Filters:
+             state: str | None) -> Any:
+    from agent.ledger import queries
+
     try:
         return queries.Filters(account=account, since=parse_iso(since) if since else None,
                                until=parse_iso(until) if until else None, kind=kind, state=state)
@@ -245,6 +250,8 @@ def _filter_options(func: Any) -> Any:
 def ledger(ctx: click.Context, account: str | None, since: str | None, until: str | None, fmt: str,
            kind: str | None, state: str | None, totals: bool) -> None:
     """The transfer ledger."""
+    from agent.ledger import queries
+
     filters = _filters(account, since, until, kind, state)
     records = _read(ctx, lambda s: [queries.transfer_record(t) for t in queries.list_transfers(s, filters)])
     if totals:
@@ -275,12 +282,16 @@ def _totals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def decisions(ctx: click.Context, account: str | None, since: str | None, until: str | None, fmt: str,
               kind: str | None, state: str | None) -> None:
     """Every evaluation, including those that did nothing, and why."""
+    from agent.ledger import queries
+
     filters = _filters(account, since, until, kind, state)
     records = _read(ctx, lambda s: [queries.decision_record(d) for d in queries.list_decisions(s, filters)])
     click.echo(output.render(records, fmt, DECISION_COLUMNS))
 
 
 def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
+    from agent.ledger.db import Ledger
+
     config = _config(ctx)
     opened = Ledger.open_readonly(config.database)
     if opened is None:
@@ -300,6 +311,8 @@ def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
 @click.pass_context
 def halt(ctx: click.Context, account: str, reason: str) -> None:
     """Stop top-ups of ACCOUNT until `fund-agent resume ACCOUNT`."""
+    from agent.ledger import queries
+    from agent.ledger.db import Ledger
     from agent.timeutil import utcnow
 
     config = _config(ctx)
@@ -318,6 +331,8 @@ def halt(ctx: click.Context, account: str, reason: str) -> None:
 @click.pass_context
 def resume(ctx: click.Context, account: str) -> None:
     """Clear every halt of ACCOUNT (operator and kill switch)."""
+    from agent.ledger import queries
+    from agent.ledger.db import Ledger
     from agent.timeutil import utcnow
 
     config = _config(ctx)
@@ -331,6 +346,89 @@ def resume(ctx: click.Context, account: str) -> None:
     click.echo(f"{account}: resumed ({cleared} halt(s) cleared)" if cleared else f"{account}: was not halted")
 
 
+# ---- reconcile and resolve ----
+
+@cli.command()
+@click.pass_context
+def reconcile(ctx: click.Context) -> None:
+    """Resolve sent/unknown transfers against the broker's statement; print what was decided."""
+    from agent.ledger.db import Ledger
+    from agent.timeutil import Clock
+    from agent.wiring import make_broker, make_reconciler
+
+    config = _config(ctx)
+    broker = make_broker(config, transfers=False)
+    ledger_ = Ledger.open(config.database)
+    try:
+        broker.connect()
+        verdicts = make_reconciler(config, ledger_, broker, Clock()).run()
+    finally:
+        broker.close()
+        ledger_.close()
+    for verdict in verdicts:
+        click.echo(str(verdict))
+    if not verdicts:
+        click.echo("nothing to reconcile: no pending, sent or unknown transfers")
+    if any(v.after in ("sent", "unknown", "pending") for v in verdicts):
+        ctx.exit(EXIT_FAIL)
+
+
+@cli.command()
+@click.argument("transfer_id", type=int)
+@click.option("--confirmed", "txn_id", type=int, metavar="TXN_ID", help="The broker transaction that executed it.")
+@click.option("--failed", is_flag=True, help="It did not execute.")
+@click.option("--reason", help="Why (required with --failed).")
+@click.pass_context
+def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bool, reason: str | None) -> None:
+    """Settle a transfer that reconciliation could not prove either way (recorded with who, when, why)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from agent.engine.transfers import StateError, settle
+    from agent.ledger.db import Ledger
+    from agent.ledger.models import Halt, Transfer
+    from agent.timeutil import utcnow
+
+    if (txn_id is None) == (not failed):
+        raise click.UsageError("give exactly one of --confirmed TXN_ID or --failed --reason TEXT")
+    if failed and not reason:
+        raise click.UsageError("--failed needs --reason TEXT")
+    config = _config(ctx)
+    ledger_ = Ledger.open(config.database)
+    who = f"operator:{_operator()}"
+    now = utcnow()
+    try:
+        with ledger_.session() as session:
+            transfer = session.get(Transfer, transfer_id)
+            if transfer is None:
+                raise Failure(f"no transfer {transfer_id} in the ledger")
+            if transfer.state not in ("sent", "unknown"):
+                raise Failure(f"transfer {transfer_id} is {transfer.state}: only sent or unknown transfers are "
+                              "resolved by hand")
+            state = transfer.state
+        if state == "sent":  # an operator's word makes it unknown first, so the event log shows both steps
+            settle(ledger_, transfer_id, "unknown", now, who, detail="taken over by the operator")
+        try:
+            if failed:
+                done = settle(ledger_, transfer_id, "failed", now, who, resolved_by=who, detail=reason,
+                              error_code="ResolvedFailed", error_message=reason)
+            else:
+                done = settle(ledger_, transfer_id, "confirmed", now, who, resolved_by=who, broker_txn_id=txn_id,
+                              detail=reason or f"operator confirmed broker txn {txn_id}")
+        except IntegrityError:
+            raise Failure(f"broker transaction {txn_id} already confirms another transfer") from None
+        except StateError as exc:
+            raise Failure(str(exc)) from None
+        with ledger_.session() as session:
+            for halt_row in session.query(Halt).filter(Halt.account == done.account, Halt.kind == "unresolved",
+                                                       Halt.cleared_at.is_(None)):
+                halt_row.cleared_at = now
+                halt_row.cleared_by = who
+            session.commit()
+    finally:
+        ledger_.close()
+    click.echo(f"transfer {transfer_id}: {done.state} (by {who})")
+
+
 # ---- db ----
 
 @cli.group()
@@ -342,6 +440,8 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Apply the ledger migrations (run also does this at start)."""
+    from agent.ledger.db import upgrade
+
     config = _config(ctx)
     before, after, backup = upgrade(config.database)
     if before == after:
@@ -380,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(EXIT_FAIL)
-    except (Failure, ConfigError, LedgerError) as exc:
+    except (Failure, ConfigError) as exc:
         click.echo(f"fund-agent: error: {exc}", err=True)
         sys.exit(EXIT_FAIL)
     except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback unless --debug

@@ -34,6 +34,7 @@ class BrokerConfig:
     app_id: int | None = None
     token_env: str = "DERIV_API_TOKEN"
     timeout: float = 15.0
+    settle_window: float = 120.0  # how long a sent transfer may be absent from the statement before it failed
 
     def token(self) -> str:
         value = os.environ.get(self.token_env, "").strip()
@@ -116,7 +117,7 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None) -> C
     broker_raw = raw.get("broker") or {}
     if not isinstance(broker_raw, dict):
         raise ConfigError(f"{where}broker must be a mapping")
-    extra = sorted(set(broker_raw) - {"url", "app_id", "token_env", "timeout"})
+    extra = sorted(set(broker_raw) - {"url", "app_id", "token_env", "timeout", "settle_window"})
     if extra:
         raise ConfigError(f"{where}broker.{extra[0]}: unknown key")
     app_id = broker_raw.get("app_id")
@@ -126,12 +127,16 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None) -> C
         timeout = parse_duration(str(broker_raw.get("timeout", "15s"))).total_seconds()
     except DurationError as exc:
         raise ConfigError(f"{where}broker.timeout: {exc}") from None
+    try:
+        settle_window = parse_duration(str(broker_raw.get("settle_window", "2m"))).total_seconds()
+    except DurationError as exc:
+        raise ConfigError(f"{where}broker.settle_window: {exc}") from None
     token_env = str(broker_raw.get("token_env", "DERIV_API_TOKEN"))
     url = str(broker_raw.get("url", DEFAULT_URL))
     if not url.startswith(("wss://", "ws://")):
         raise ConfigError(f"{where}broker.url must start with wss:// (or ws:// for a local test server)")
     broker = BrokerConfig(url=url, app_id=int(app_id) if app_id is not None else None, token_env=token_env,
-                          timeout=timeout)
+                          timeout=timeout, settle_window=settle_window)
 
     equity_raw = dict(raw.get("equity") or {})
     source = str(equity_raw.pop("source", "mt5"))

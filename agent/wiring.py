@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 
 from agent.broker.deriv import READ_SCOPES, TRANSFER_SCOPES, DerivClient
 from agent.config import Config, ConfigError
+from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource
+from agent.ledger.db import Ledger
 from agent.timeutil import Clock
 
 
@@ -15,6 +18,10 @@ def make_broker(config: Config, transfers: bool = True) -> DerivClient:
     scopes = READ_SCOPES + TRANSFER_SCOPES if transfers else READ_SCOPES
     return DerivClient(config.broker.url, config.broker.resolved_app_id(), config.broker.token(),
                        timeout=config.broker.timeout, required_scopes=scopes)
+
+
+def make_reconciler(config: Config, ledger: Ledger, broker: DerivClient, clock: Clock) -> Reconciler:
+    return Reconciler(ledger, broker, clock, settle_window=timedelta(seconds=config.broker.settle_window))
 
 
 def make_source(config: Config, clock: Clock, broker: DerivClient | None = None) -> EquitySource:

@@ -19,14 +19,19 @@ MT5 = "MTR130002534"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def fake():
+def make_fake() -> FakeDeriv:
     server = FakeDeriv()
     server.add_account(FUNDING, "USD", "10000.00")
     server.add_account(MT5, "USD", "450.00", mt5=True)
     server.add_token(TOKEN, FUNDING, ("read", "payments"))
     server.add_token("read-only-token", FUNDING, ("read",))
     server.start()
+    return server
+
+
+@pytest.fixture
+def fake():
+    server = make_fake()
     yield server
     server.stop()
     assert not server.bad_replies, server.bad_replies
@@ -48,13 +53,17 @@ def write_status(directory: Path, login: int = 130002534, equity: str = "450.00"
 @pytest.fixture
 def workspace(tmp_path: Path, fake: FakeDeriv):
     """A config dir with the ea-file source, one policy and the fake broker's URL."""
-    (tmp_path / "policies").mkdir()
+    return make_workspace(tmp_path, fake)
+
+
+def make_workspace(tmp_path: Path, fake: FakeDeriv, extra_broker: str = "") -> Path:
+    (tmp_path / "policies").mkdir(parents=True)
     policy = (REPO / "policies" / "example.yaml").read_text()
     (tmp_path / "policies" / "example.yaml").write_text(policy)
     (tmp_path / "fund-agent.yaml").write_text(
         "database: sqlite:///ledger.db\n"
         "policies: policies/\n"
-        f"broker:\n  url: {fake.url}\n  app_id: 1089\n  token_env: DERIV_API_TOKEN\n  timeout: 5s\n"
+        f"broker:\n  url: {fake.url}\n  app_id: 1089\n  token_env: DERIV_API_TOKEN\n  timeout: 5s\n{extra_broker}"
         "equity:\n  source: ea-file\n  dir: status\n")
     return tmp_path
 

@@ -100,3 +100,9 @@ def test_upgrading_an_old_ledger_keeps_a_copy(tmp_path):
     with pytest.raises(Exception):
         upgrade(url)
     assert any(p.name.startswith("old.db.bak-0000-") for p in tmp_path.iterdir())
+
+
+def test_head_constant_matches_the_migration_scripts():
+    from agent.ledger.db import HEAD
+
+    assert HEAD == head_revision()

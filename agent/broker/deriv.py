@@ -23,6 +23,7 @@ import websocket
 from agent import money
 from agent.broker import schemas
 from agent.broker.errors import BadReply, BrokerError, LostReply, NotSent
+from agent.crash import crash_point
 
 log = logging.getLogger("agent.broker")
 
@@ -242,6 +243,8 @@ class DerivClient:
             self._forget(req_id)
             self._drop(f"send failed: {type(exc).__name__}")
             raise NotSent(f"sending {call} failed: {type(exc).__name__}") from None
+        if call in ("mt5_deposit", "mt5_withdrawal"):
+            crash_point("after_send")
         if not waiter.event.wait(timeout):
             self._forget(req_id)
             raise LostReply("Timeout", f"no reply to {call} within {timeout:g}s")
@@ -300,10 +303,13 @@ class DerivClient:
                                "amount": amount}, "mt5_withdrawal", timeout)
 
     def statement(self, date_from: int, date_to: int, limit: int = 999, offset: int = 0,
-                  loginid: str | None = None) -> list[dict[str, Any]]:
-        request: dict[str, Any] = {"statement": 1, "description": 1, "action_type": "transfer",
-                                   "date_from": date_from, "date_to": date_to, "limit": limit, "offset": offset}
-        if loginid:
+                  loginid: str | None = None, action_type: str | None = "transfer") -> list[dict[str, Any]]:
+        """Statement rows, newest first. Deriv caps `limit` at 999; page with `offset`."""
+        request: dict[str, Any] = {"statement": 1, "description": 1, "date_from": date_from, "date_to": date_to,
+                                   "limit": limit, "offset": offset}
+        if action_type:
+            request["action_type"] = action_type
+        if loginid and self.session and loginid != self.session.loginid:
             request["loginid"] = loginid
         body = self.call(request).get("statement") or {}
         rows = body.get("transactions")

@@ -13,9 +13,11 @@ from agent import money
 from agent.broker.deriv import DerivClient
 from agent.broker.errors import BrokerError
 from agent.engine import transfers
+from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource, NoReading, Snapshot
 from agent.ledger import queries
 from agent.ledger.db import Ledger
+from agent.ledger.models import Transfer
 from agent.policy.evaluate import BrokerLimits, Decision, evaluate
 from agent.policy.model import Policy
 from agent.timeutil import Clock
@@ -46,7 +48,9 @@ class TickOutcome:
 
 class Engine:
     def __init__(self, ledger: Ledger | None, broker: DerivClient | None, source: EquitySource, clock: Clock,
-                 on_outcome: Callable[[TickOutcome], None] | None = None) -> None:
+                 on_outcome: Callable[[TickOutcome], None] | None = None,
+                 reconciler: Reconciler | None = None) -> None:
+        self.reconciler = reconciler
         self.ledger = ledger
         self.broker = broker
         self.source = source
@@ -92,6 +96,12 @@ class Engine:
             no_reading = str(exc)
         usage = queries.Usage()
         if self.ledger is not None:
+            if execute and self.reconciler is not None:
+                with self.ledger.session() as session:
+                    open_rows = bool(queries.unresolved(session, policy.mt5))
+                if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
+                    for verdict in self.reconciler.run(policy.mt5):
+                        log.warning("%s", verdict)
             with self.ledger.session() as session:
                 usage = queries.usage(session, policy.mt5, now)
         funding_balance = None
@@ -147,6 +157,11 @@ class Engine:
         if transfer is not None:
             assert self.broker is not None
             done = transfers.execute(self.ledger, self.broker, transfer, self.clock)
+            if done.state == "unknown" and self.reconciler is not None:
+                # The broker may have executed it (e.g. MT5TransferSuspension debits first): look it up now.
+                log.warning("%s", self.reconciler.resolve_one(done))
+                with self.ledger.session() as session:
+                    done = session.get(Transfer, done.id) or done
             outcome.transfer = queries.transfer_record(done)
             if done.state == "confirmed":
                 apply = getattr(self.source, "apply_transfer", None)

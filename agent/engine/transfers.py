@@ -7,8 +7,6 @@ An outcome the broker may have executed is never `failed`: it is `unknown` and i
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from datetime import datetime
 from decimal import Decimal
 
@@ -17,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from agent import money
 from agent.broker.deriv import DerivClient
 from agent.broker.errors import BrokerError
+from agent.crash import crash_point
 from agent.ledger.db import Ledger
 from agent.ledger.models import Transfer
 from agent.ledger.queries import add_event
@@ -37,12 +36,6 @@ class StateError(Exception):
 
 class AccountBusy(Exception):
     """The database refused a second unresolved transfer for the account."""
-
-
-def crash_point(name: str) -> None:
-    """Crash tests only: FUND_AGENT_CRASH_AT=<name> kills this process here, as a power cut would."""
-    if os.environ.get("FUND_AGENT_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def transition(transfer: Transfer, to: str, at: datetime) -> None:
