@@ -303,6 +303,45 @@ def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
         opened.close()
 
 
+# ---- status ----
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def status(ctx: click.Context, fmt: str) -> None:
+    """Per account: last equity and its age, policy, window usage, halts, unresolved transfers, last error."""
+    import json as _json
+
+    from agent.ledger.db import Ledger
+    from agent.status import account_status, render_text
+    from agent.timeutil import utcnow
+
+    config = _config(ctx)
+    policies, problems = _policies(config)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    opened = Ledger.open_readonly(config.database)
+    rows = []
+    try:
+        if opened is not None:
+            with opened.session() as session:
+                rows = [account_status(session, p, utcnow()) for p in policies]
+        else:
+            from agent.ledger.queries import Usage
+            from agent.policy.evaluate import usage_details
+
+            rows = [{"account": p.mt5, "policy": p.name, "policy_sha256": p.sha256, "policy_file": p.path,
+                     "last_equity": None, "last_equity_age_s": None, "last_evaluation_at": None,
+                     "last_decision": None, "windows": usage_details(p, Usage(), utcnow()), "halted": False,
+                     "halts": [], "unresolved": [], "last_error": None} for p in policies]
+    finally:
+        if opened is not None:
+            opened.close()
+    click.echo(_json.dumps(rows, indent=2) if fmt == "json" else render_text(rows))
+    if problems:
+        ctx.exit(EXIT_FAIL)
+
+
 # ---- halts ----
 
 @cli.command()

@@ -197,3 +197,16 @@ def test_sweep_windows_count():
                                   total_amount=D("200")))
     d = run(P, snap("3500"), usage)
     assert d.action == "none" and d.bound_by == "limits.sweep.per_24h.count"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "policies").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_policies_top_up_and_sweep_as_annotated(path):
+    p = parse_policy(path.read_text(), str(path))
+    assert p.top_up is not None
+    low = run(p, snap(str(p.top_up.when_equity_below - 1)), funding=D("100000"))
+    assert low.action == "top_up" and low.amount > 0
+    assert run(p, snap(str(p.top_up.target_equity))).action == "none"
+    if p.sweep is not None:
+        high = run(p, snap(str(p.sweep.when_equity_above + 500)))
+        assert high.action == "sweep" and high.amount > 0

@@ -15,7 +15,8 @@ _FUTURE_SLACK = timedelta(seconds=5)  # clocks of the VPS and the terminal may d
 NUMBERS = ("balance", "equity", "margin", "margin_free", "margin_level")
 
 
-def parse_status(text: str | bytes, expected_digits: str, where: str = "status file") -> Snapshot:
+def parse_status(text: str | bytes, expected_digits: str, where: str = "status file",
+                 allow_disconnected: bool = False) -> Snapshot:
     """Turn the EA's JSON into a Snapshot, or raise NoReading saying what is wrong with it."""
     try:
         data = money.loads(text)
@@ -42,7 +43,7 @@ def parse_status(text: str | bytes, expected_digits: str, where: str = "status f
     connected = data.get("connected")
     if not isinstance(connected, bool):
         raise NoReading(f"{where}: connected is missing or not true/false")
-    if not connected:
+    if not connected and not allow_disconnected:
         raise NoReading(f"{where} says the terminal is not connected to the trade server")
     stamp = data.get("time")
     if isinstance(stamp, bool) or not isinstance(stamp, int):
@@ -50,7 +51,7 @@ def parse_status(text: str | bytes, expected_digits: str, where: str = "status f
     positions: Any = data.get("positions")
     return Snapshot(login=str(login), balance=values["balance"], equity=values["equity"], margin=values["margin"],
                     margin_free=values["margin_free"], margin_level=values["margin_level"], currency=currency,
-                    positions=positions if isinstance(positions, int) else None, connected=True,
+                    positions=positions if isinstance(positions, int) else None, connected=connected,
                     taken_at=datetime.fromtimestamp(stamp, UTC), source="ea-file")
 
 

@@ -1,0 +1,393 @@
+"""`fund-agent run`: the unattended service.
+
+APScheduler 3 BlockingScheduler in the main thread, one job per policy, rebuilt when policy files change;
+migrations and reconciliation at start; a lock so that one ledger has one agent; SIGTERM/SIGINT stop between
+transfers (running jobs finish), SIGHUP reloads; /healthz, /metrics and the EA's intake on loopback;
+notifications from the outbox on their own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from agent import logs
+from agent.broker.errors import BrokerError
+from agent.config import Config, ConfigError
+from agent.engine.tick import Engine, TickOutcome
+from agent.ledger import queries
+from agent.ledger.db import Ledger, sqlite_path
+from agent.policy.evaluate import Decision
+from agent.policy.load import Problem, load_policies, policy_files
+from agent.policy.model import Policy
+from agent.timeutil import Clock
+
+log = logging.getLogger("agent.service")
+RELOAD_EVERY = 2.0
+HEARTBEAT_EVERY = 60.0
+HEALTH_SLACK = timedelta(seconds=30)
+
+
+class ServiceError(Exception):
+    pass
+
+
+class InstanceLock:
+    """An exclusive lock beside the ledger: a second agent on the same ledger refuses to start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the life of the service
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ServiceError(f"another fund-agent is already running on this ledger (lock {self.path} is "
+                               "held); stop it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    evaluations: int = 0
+    job_errors: int = 0
+    jobs_missed: int = 0
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)  # account -> unix time
+    last_equity: dict[str, Decimal] = field(default_factory=dict)
+
+
+class Service:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        self.stats = Stats()
+        self.policies: dict[str, Policy] = {}  # account -> policy in force
+        self.by_path: dict[str, Policy] = {}  # file -> last good policy from it
+        self.file_digests: dict[str, str] = {}
+        self.reported: dict[str, str] = {}  # file -> digest of the broken text already reported
+        self.scheduler = BlockingScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+        self.lock: InstanceLock | None = None
+        self.ledger: Ledger | None = None
+        self.engine: Engine | None = None
+        self.http: Any = None
+        self.notifier: Any = None
+        self._reload_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # ---- start ----
+
+    def start(self) -> None:
+        from agent.wiring import make_broker, make_reconciler, make_source
+
+        path = sqlite_path(self.config.database)
+        if path is not None:
+            self.lock = InstanceLock(path.with_name(path.name + ".lock"))
+            self.lock.acquire()
+        self.ledger = Ledger.open(self.config.database)
+        broker = make_broker(self.config)
+        logs.register_secret(self.config.broker.token())
+        source = make_source(self.config, self.clock, broker)
+        intake = None
+        if self.config.http:
+            from agent.equity.intake import IntakeStore, WithIntake
+
+            intake = IntakeStore()
+            source = WithIntake(source, intake)
+        reconciler = make_reconciler(self.config, self.ledger, broker, self.clock)
+        self.engine = Engine(self.ledger, broker, source, self.clock, on_outcome=self._note,
+                             reconciler=reconciler)
+        try:
+            broker.connect()
+            for verdict in reconciler.run():
+                log.warning("reconcile at start: %s", verdict)
+        except BrokerError as exc:
+            if exc.needs_operator:
+                raise ServiceError(f"the broker refused the agent: {exc}") from None
+            log.warning("broker not reachable at start (%s); evaluations go on, transfers wait", exc.code)
+        self.reload(initial=True)
+        if not self.policies:
+            raise ServiceError(f"no valid policy in {self.config.policies}")
+        self._start_http(intake)
+        self._start_notifier()
+        self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        self.scheduler.add_job(self.reload, IntervalTrigger(seconds=RELOAD_EVERY), id="reload",
+                               misfire_grace_time=None)
+        self.scheduler.add_job(self._heartbeat, IntervalTrigger(seconds=HEARTBEAT_EVERY), id="heartbeat",
+                               misfire_grace_time=None)
+
+    def _start_http(self, intake: Any) -> None:
+        if not self.config.http:
+            return
+        from agent.http_api import HttpApi, parse_listen
+
+        settings = self.config.http
+        listen = parse_listen(str(settings.get("listen", "127.0.0.1:8787")), bool(settings.get("allow_remote")))
+        secret = None
+        env = settings.get("intake_secret_env")
+        if env:
+            secret = os.environ.get(str(env), "").strip() or None
+            if secret is None:
+                raise ConfigError(f"environment variable {env} is not set: it must hold the EA intake secret")
+            logs.register_secret(secret)
+        self.http = HttpApi(listen, self.health, self.metrics, intake, secret)
+        self.http.start()
+        log.info("http endpoint on %s:%d (/healthz, /metrics%s)", listen[0], self.http.port,
+                 ", POST /status" if secret else "")
+
+    def _start_notifier(self) -> None:
+        if not self.config.notify:
+            return
+        from agent.notify import Notifier, Outbox, channels_from_config
+
+        assert self.ledger is not None
+        channels = channels_from_config(self.config.notify)
+        self.notifier = Notifier(Outbox(self.ledger, channels, self.clock))
+        self.notifier.outbox.collect()  # sets the cursors before anything new happens
+        self.notifier.start()
+
+    # ---- policies ----
+
+    def _files(self) -> list[Path]:
+        location = self.config.policies
+        return policy_files(location) if location.exists() else []
+
+    def reload(self, initial: bool = False) -> bool:
+        """Validate changed files and swap them in; a broken file keeps its last good policy in force."""
+        with self._reload_lock:
+            files = self._files()
+            digests = {}
+            for path in files:
+                try:
+                    import hashlib
+
+                    digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+                except OSError:
+                    digests[str(path)] = "unreadable"
+            if not initial and digests == self.file_digests:
+                return False
+            policies, problems = load_policies(files)
+            broken: dict[str, list[Problem]] = {}
+            for problem in problems:
+                broken.setdefault(problem.path, []).append(problem)
+            new_by_path = {p.path: p for p in policies}
+            for path_text, its_problems in broken.items():
+                old = self.by_path.get(path_text)
+                if old is not None:
+                    new_by_path[path_text] = old  # the last good policy stays in force
+                if self.reported.get(path_text) != digests.get(path_text):
+                    self.reported[path_text] = digests.get(path_text, "")
+                    self._report_reload_failure(path_text, its_problems, old)
+            for path_text in list(self.reported):
+                if path_text not in broken:
+                    del self.reported[path_text]
+            accounts: dict[str, Policy] = {}
+            for policy in new_by_path.values():
+                if policy.mt5 in accounts:  # a kept old policy clashing with a new file: keep the new one
+                    continue
+                accounts[policy.mt5] = policy
+            changed = {a: p.sha256 for a, p in accounts.items()} != {a: p.sha256 for a, p in self.policies.items()}
+            self.by_path = new_by_path
+            self.policies = accounts
+            self.file_digests = digests
+            if broken:
+                self.stats.reloads_failed += 1
+            elif not initial:
+                self.stats.reloads_ok += 1
+            if changed or initial:
+                self._rebuild_jobs()
+                if not initial:
+                    log.info("policies reloaded: %s", ", ".join(f"{p.name}@{p.sha256[:12]}"
+                                                               for p in accounts.values()))
+            return changed
+
+    def _report_reload_failure(self, path: str, problems: list[Problem], old: Policy | None) -> None:
+        text = "; ".join(str(p) for p in problems)
+        kept = f"policy {old.name}@{old.sha256[:12]} stays in force" if old else "no earlier policy from this file"
+        log.error("policy reload failed: %s (%s)", text, kept)
+        assert self.ledger is not None
+        with self.ledger.session() as session:
+            queries.record_decision(session, self.clock.now(), old.mt5 if old else "?",
+                                    old.name if old else Path(path).stem, old.sha256 if old else None,
+                                    Decision("none", None, f"policy reload failed: {text}; {kept}",
+                                             bound_by="policy_reload"),
+                                    old.currency if old else None, None, None, action="error")
+            session.commit()
+
+    def _rebuild_jobs(self) -> None:
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith("policy:"):
+                job.remove()
+        for account, policy in self.policies.items():
+            if policy.schedule.cron:
+                trigger: Any = CronTrigger.from_crontab(policy.schedule.cron, timezone="UTC")
+                grace = 60
+            else:
+                assert policy.schedule.every is not None
+                seconds = policy.schedule.every.total_seconds()
+                trigger = IntervalTrigger(seconds=seconds, timezone="UTC")
+                grace = int(max(1, min(seconds, 300)))
+            self.scheduler.add_job(self._evaluate, trigger, args=[account], id=f"policy:{account}",
+                                   name=f"{policy.name} ({account})", misfire_grace_time=grace,
+                                   next_run_time=datetime.now().astimezone())
+
+    # ---- work ----
+
+    def _evaluate(self, account: str) -> None:
+        if self._stopping.is_set():
+            return
+        policy = self.policies.get(account)
+        if policy is None or self.engine is None:
+            return
+        with logs.log_context(account=account, policy=policy.name):
+            self.engine.tick(policy)
+
+    def _note(self, outcome: TickOutcome) -> None:
+        self.stats.evaluations += 1
+        self.stats.last_eval[outcome.policy.mt5] = time.time()
+        if outcome.snapshot is not None:
+            self.stats.last_equity[outcome.policy.mt5] = outcome.snapshot.equity
+        decision = outcome.decision
+        extra = ""
+        if outcome.transfer is not None:
+            logs.add_context(transfer=outcome.transfer["id"])
+            extra = f" -> transfer {outcome.transfer['id']} {outcome.transfer['state']}"
+        level = logging.INFO if outcome.transfer is None or outcome.transfer["state"] == "confirmed" \
+            else logging.WARNING
+        log.log(level, "%s %s%s: %s", decision.action, decision.amount if decision.amount is not None else "",
+                extra, decision.reason)
+
+    def _on_job_event(self, event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MISSED:
+            self.stats.jobs_missed += 1
+            log.warning("job %s missed its run at %s (the agent was busy or asleep)", event.job_id,
+                        event.scheduled_run_time)
+        else:
+            self.stats.job_errors += 1
+            log.error("job %s failed: %s", event.job_id, logs.redact(repr(event.exception)),
+                      exc_info=(type(event.exception), event.exception, event.exception.__traceback__)
+                      if event.exception else None)
+
+    def _heartbeat(self) -> None:
+        connected = bool(self.engine and self.engine.broker and self.engine.broker.connected)
+        log.info("heartbeat: %d policies, %d evaluations, broker %s", len(self.policies), self.stats.evaluations,
+                 "connected" if connected else "disconnected")
+
+    # ---- health and metrics ----
+
+    def _allowed_age(self, policy: Policy) -> timedelta:
+        if policy.schedule.every is not None:
+            return policy.schedule.every * 2 + HEALTH_SLACK
+        trigger = CronTrigger.from_crontab(policy.schedule.cron or "* * * * *", timezone="UTC")
+        now = datetime.now().astimezone()
+        first = trigger.get_next_fire_time(None, now)
+        second = trigger.get_next_fire_time(first, first + timedelta(seconds=1)) if first else None
+        gap = (second - first) if first and second else timedelta(days=1)
+        return gap * 2 + HEALTH_SLACK
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        now = time.time()
+        accounts = {}
+        ok = True
+        for account, policy in self.policies.items():
+            last = self.stats.last_eval.get(account)
+            age = now - (last if last is not None else self.stats.started)
+            fresh = age <= self._allowed_age(policy).total_seconds()
+            ok = ok and fresh
+            accounts[account] = {"policy": policy.name, "last_evaluation_age_s": round(age, 1) if last else None,
+                                 "healthy": fresh}
+        ok = ok and bool(self.policies)
+        return ok, {"status": "ok" if ok else "unhealthy", "accounts": accounts}
+
+    def metrics(self) -> str:
+        from agent.metrics import render_metrics
+
+        return render_metrics(self)
+
+    # ---- run and stop ----
+
+    def run(self) -> int:
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("signal %s: stopping after the work in hand", signal.Signals(signum).name)
+            self._stopping.set()
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=False)
+
+        def hup(_signum: int, _frame: Any) -> None:
+            threading.Thread(target=self.reload, name="sighup-reload", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, hup)
+        log.info("fund-agent running: %d policies (%s)", len(self.policies),
+                 ", ".join(f"{p.name}@{p.mt5}" for p in self.policies.values()))
+        try:
+            self.scheduler.start()
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        executor = self.scheduler._executors.get("default")  # noqa: SLF001 - no public way to wait for jobs
+        if executor is not None and getattr(executor, "_pool", None) is not None:
+            executor.shutdown(wait=True)  # a transfer in flight finishes and is recorded before we exit
+        if self.http is not None:
+            self.http.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+        if self.engine is not None:
+            if self.engine.broker is not None:
+                self.engine.broker.close()
+            self.engine.source.close()
+        if self.ledger is not None:
+            self.ledger.close()
+        if self.lock is not None:
+            self.lock.release()
+        log.info("fund-agent stopped")
+
+
+def serve(config: Config) -> int:
+    logs.setup()
+    service = Service(config)
+    try:
+        service.start()
+    except Exception:
+        service.close()
+        raise
+    return service.run()
