@@ -177,15 +177,13 @@ class Machine(RuleBasedStateMachine):
         now = self.clock.now()
         with self.ledger.session() as session:
             usage = queries.usage(session, MT5, now)
-        for kind, limits, kind_usage, rule in (("top_up", self.policy.limits.top_up, usage.top_up,
-                                                self.policy.top_up),
-                                               ("sweep", self.policy.limits.sweep, usage.sweep, self.policy.sweep)):
+        for kind, limits, kind_usage in (("top_up", self.policy.limits.top_up, usage.top_up),
+                                         ("sweep", self.policy.limits.sweep, usage.sweep)):
             for name, window in limits.windows.items():
                 count, amount = kind_usage.window(name, now)
                 assert window.count is None or count <= window.count, (kind, name)
                 assert window.amount is None or amount <= window.amount, (kind, name)
         for t in self.rows():
-            rule = self.policy.top_up if t.kind == "top_up" else self.policy.sweep
             assert money.from_minor(t.amount_minor, "USD") <= max(v.top_up.max_amount if t.kind == "top_up"
                                                                   else v.sweep.max_amount for v in VARIANTS)
 
