@@ -10,7 +10,7 @@ from agent.config import Config, ConfigError
 from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource
 from agent.ledger.db import Ledger
-from agent.timeutil import Clock
+from agent.timeutil import Clock, parse_duration
 
 
 def make_broker(config: Config, transfers: bool = True) -> DerivClient:
@@ -39,4 +39,16 @@ def make_source(config: Config, clock: Clock, broker: DerivClient | None = None)
                                start_equity=Decimal(str(opts.get("start_equity", "450"))),
                                volatility=Decimal(str(opts.get("volatility", "40"))),
                                drift=Decimal(str(opts.get("drift", "0"))))
-    raise ConfigError(f"equity.source {eq.source!r} is not available in this build yet")
+    if eq.source == "deriv":
+        from agent.equity.deriv import DerivBalanceSource
+
+        if broker is None:
+            raise ConfigError("the deriv equity source needs the broker connection")
+        return DerivBalanceSource(broker, clock)
+    if eq.source == "mt5":
+        from agent.equity.mt5 import Mt5Source, probe_command_from_options, terminals_from_options
+
+        opts = eq.options
+        deadline = float(parse_duration(str(opts.get("probe_timeout", "10s"))).total_seconds())
+        return Mt5Source(clock, terminals_from_options(opts), probe_command_from_options(opts), deadline=deadline)
+    raise ConfigError(f"equity.source {eq.source!r} is unknown")
