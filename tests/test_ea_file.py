@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from conftest import write_status
@@ -58,3 +59,34 @@ def test_future_dated_file_is_refused(tmp_path):
     with pytest.raises(NoReading) as info:
         EaFileSource(tmp_path, Clock()).read("MTR130002534")
     assert "future" in str(info.value)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ea"
+
+
+@pytest.mark.parametrize("name, equity, level", [("good.json", "950.12", "9501.20"),
+                                                 ("no-margin.json", "1000.00", "0.00"),
+                                                 ("escaped-server.json", "950.12", "9501.20")])
+def test_fixture_files_in_the_eas_format_parse(name, equity, level):
+    snap = parse_status((FIXTURES / name).read_bytes(), "130002534")
+    assert snap.equity == Decimal(equity) and snap.margin_level == Decimal(level)
+
+
+@pytest.mark.parametrize("name, why", [("torn.json", "torn or partial"), ("empty.json", "not valid JSON"),
+                                       ("deinit.json", "not connected"), ("other-login.json", "130009999")])
+def test_fixture_files_rejected(name, why):
+    with pytest.raises(NoReading) as info:
+        parse_status((FIXTURES / name).read_bytes(), "130002534")
+    assert why in str(info.value)
+
+
+def test_a_file_older_than_max_equity_age_is_not_acted_on(tmp_path):
+    """Staleness is the evaluator's rule: the source reports the file's own time."""
+    from agent.policy.evaluate import Usage, evaluate
+    from agent.policy.load import parse_policy
+
+    write_status(tmp_path, equity="450.00", age=31)
+    snap = EaFileSource(tmp_path, Clock()).read("MTR130002534")
+    policy = parse_policy((Path(__file__).parent / "policies" / "good" / "base.yaml").read_text(), "p.yaml")
+    decision = evaluate(policy, snap, Usage(), Clock().now(), funding_balance=Decimal(10000))
+    assert decision.action == "none" and decision.bound_by == "stale"
