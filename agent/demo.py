@@ -49,7 +49,7 @@ def run_demo(seconds: float = 20.0, speed: float = 600.0, seed: int = 7) -> None
     ledger = Ledger.open(f"sqlite:///{workdir / 'ledger.db'}")
     broker = DerivClient(url, DEMO_APP_ID, token, timeout=5.0)
     source = SimulatedSource(clock, seed=seed, start_equity=START_EQUITY, volatility=Decimal("60"),
-                             drift=Decimal("-25"), currency=policy.currency)
+                             drift=Decimal("-25"), currency=policy.currency, pnl_sink=fake.adjust)
 
     def show(outcome: TickOutcome) -> None:
         snap = outcome.snapshot

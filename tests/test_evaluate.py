@@ -210,3 +210,23 @@ def test_example_policies_top_up_and_sweep_as_annotated(path):
     if p.sweep is not None:
         high = run(p, snap(str(p.sweep.when_equity_above + 500)))
         assert high.action == "sweep" and high.amount > 0
+
+
+def test_failures_back_off_exponentially_and_never_loop_hot():
+    def after(n: int, minutes_ago: float):
+        usage = Usage(top_up=KindUsage(failures=n, last_failure_at=NOW - timedelta(minutes=minutes_ago),
+                                       last_failure="NoMoney"))
+        return run(P, snap("450"), usage)
+
+    assert after(1, 0.5).bound_by == "failure_backoff"   # 1 failure: wait 1 minute
+    assert after(1, 1).action == "top_up"
+    assert after(3, 3.9).bound_by == "failure_backoff"   # 3 in a row: wait 4 minutes
+    assert after(3, 4).action == "top_up"
+    assert after(12, 59).bound_by == "failure_backoff"   # capped at one hour
+    assert after(12, 60).action == "top_up"
+    assert "3 failed top-up attempt(s) in a row (last: NoMoney)" in after(3, 1).reason
+
+
+def test_an_all_scope_halt_blocks_sweeps_too():
+    d = run(P, snap("3500"), Usage(halt="operator_needed halt: PermissionDenied"))
+    assert d.action == "none" and d.bound_by == "halt"

@@ -103,10 +103,10 @@ def test_may_have_moved_error_without_a_trace_stays_unknown_then_fails_after_the
     assert blocked.decision.bound_by == "unresolved"
     assert len([r for r in fake.requests if "mt5_deposit" in r]) == 1
     time.sleep(1.1)
-    after = engine.tick(POLICY)  # reconciles (proven absent, funding consistent) then tops up afresh
-    states = [r["state"] for r in transfers(ledger)]
-    assert states == ["failed", "confirmed"], after.decision.reason
-    assert len(fake.transfers(FUNDING)) == 1
+    after = engine.tick(POLICY)  # reconciles (proven absent, funding consistent), then backs off a minute
+    assert [r["state"] for r in transfers(ledger)] == ["failed"]
+    assert after.decision.bound_by == "failure_backoff", after.decision.reason
+    assert fake.transfers(FUNDING) == []
 
 
 def test_late_apply_after_a_timeout_is_found_not_duplicated(rig, fake):
@@ -183,3 +183,23 @@ def test_rate_limit_is_a_plain_error(fake):
     assert info.value.code == "RateLimit" and info.value.nothing_moved
     assert client.balance(FUNDING)[0] == Decimal("10000.00")
     client.close()
+
+
+def test_a_refusal_that_needs_an_operator_halts_the_account(rig, fake):
+    make, ledger = rig
+    fake.inject(Fault("mt5_deposit", "error", code="PermissionDenied"))
+    engine = make()
+    engine.tick(POLICY)
+    again = engine.tick(POLICY)
+    assert again.decision.bound_by == "halt" and "PermissionDenied" in again.decision.reason
+    assert len([r for r in fake.requests if "mt5_deposit" in r]) == 1
+
+
+def test_a_persistent_error_backs_off_instead_of_retrying_every_tick(rig, fake):
+    make, ledger = rig
+    for _ in range(3):
+        fake.inject(Fault("mt5_deposit", "error", code="NoMoney"))
+    engine = make()
+    outcomes = [engine.tick(POLICY) for _ in range(3)]
+    assert outcomes[1].decision.bound_by == "failure_backoff"
+    assert len([r for r in fake.requests if "mt5_deposit" in r]) == 1

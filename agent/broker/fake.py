@@ -81,7 +81,8 @@ class FakeDeriv:
         self.app_ids = app_ids  # None = any numeric app_id is accepted
         self.state = FakeState()
         self.faults: deque[Fault] = deque()
-        self.requests: list[dict[str, Any]] = []  # every request received, for tests (tokens included)
+        # the newest requests received, for tests (tokens included); bounded so a long soak does not grow it
+        self.requests: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.bad_replies: list[str] = []  # replies the fake produced that failed the receive schema (a bug)
         self.lock = threading.RLock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +104,12 @@ class FakeDeriv:
     def inject(self, fault: Fault) -> None:
         with self.lock:
             self.faults.append(fault)
+
+    def adjust(self, loginid: str, delta: Decimal) -> None:
+        """Trading P/L on an MT5 account (the demo's simulation closes trades)."""
+        with self.lock:
+            account = self.state.accounts[loginid]
+            account.balance = max(Decimal(0), account.balance + delta)
 
     def balance_of(self, loginid: str) -> Decimal:
         with self.lock:

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent import money
 from agent.broker.deriv import DerivClient
-from agent.broker.errors import BrokerError
+from agent.broker.errors import NEEDS_OPERATOR, BrokerError
 from agent.engine import transfers
 from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource, NoReading, Snapshot
@@ -163,6 +163,13 @@ class Engine:
                 with self.ledger.session() as session:
                     done = session.get(Transfer, done.id) or done
             outcome.transfer = queries.transfer_record(done)
+            if done.state == "failed" and done.error_code in NEEDS_OPERATOR:
+                # the token or the account set-up is wrong: retrying cannot help; stop and tell a person
+                with self.ledger.session() as session:
+                    queries.add_halt(session, policy.mt5, "operator_needed", f"transfer {done.id} refused: "
+                                     f"{done.error_code}: {done.error_message}", self.clock.now(), "agent",
+                                     scope="all")
+                    session.commit()
             if done.state == "confirmed":
                 apply = getattr(self.source, "apply_transfer", None)
                 if apply is not None:

@@ -17,6 +17,10 @@ from agent.policy.evaluate import Decision, KindUsage, Usage
 from agent.timeutil import iso
 
 COUNTED_STATES = ("pending", "sent", "confirmed", "unknown")  # everything that may have moved money
+# failed without a refusal from the broker (the agent stopped before sending, or the statement proved the
+# request never executed): not a persistent broker error, so no back-off
+NO_BROKER_ERROR = ("NotSent", "NotExecuted")
+FAILURE_LOOKBACK = 12  # 2^11 minutes is past the 1 h cap: more failures in a row change nothing
 
 
 def amount_of(t: Transfer) -> Decimal:
@@ -112,8 +116,20 @@ def _kind_usage(session: Session, account: str, kind: str, now: datetime) -> Kin
     currency = recent[0].currency if recent else None
     if currency is None:
         currency = session.scalars(select(Transfer.currency).where(*counted).limit(1)).first() or "USD"
+    # failed attempts since the newest transfer that may have moved money (a NotSent never reached the broker)
+    tail = session.scalars(select(Transfer).where(Transfer.account == account, Transfer.kind == kind)
+                           .order_by(Transfer.id.desc()).limit(FAILURE_LOOKBACK)).all()
+    failures = []
+    for t in tail:
+        if t.state != "failed":
+            break
+        if t.error_code not in NO_BROKER_ERROR:
+            failures.append(t)
+    last_failure = failures[0] if failures else None
     return KindUsage(recent=tuple((t.created_at, amount_of(t)) for t in recent), total_count=int(total_count),
-                     total_amount=money.from_minor(int(total_minor), currency), last_at=last)
+                     total_amount=money.from_minor(int(total_minor), currency), last_at=last,
+                     failures=len(failures), last_failure_at=last_failure.updated_at if last_failure else None,
+                     last_failure=last_failure.error_code if last_failure else None)
 
 
 def usage(session: Session, account: str, now: datetime) -> Usage:
@@ -134,6 +150,8 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
     net = top_up.total_amount - (money.from_minor(int(confirmed_sweeps), currency) if currency else Decimal(0))
     halts = active_halts(session, account)
     halt_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts) or None
+    all_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts
+                           if h.scope == "all") or None
     open_rows = unresolved(session, account)
     blocked = None
     if open_rows:
@@ -141,7 +159,8 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
         blocked = (f"transfer {t.id} ({t.kind} {money.fmt(amount_of(t), t.currency)}) is {t.state}; "
                    "resolve it with `fund-agent reconcile` or `fund-agent resolve`")
     return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=net,
-                 peak_equity=peak_equity(session, account), top_up_halt=halt_reason, unresolved=blocked)
+                 peak_equity=peak_equity(session, account), top_up_halt=halt_reason, halt=all_reason,
+                 unresolved=blocked)
 
 
 def record_decision(session: Session, at: datetime, account: str, policy: str, policy_sha256: str | None,

@@ -7,7 +7,7 @@ nothing) is in the Decision, so that it can be recorded and shown to an operator
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from agent import money
@@ -16,6 +16,7 @@ from agent.policy.model import WINDOWS, KindLimits, Policy
 from agent.timeutil import fmt_duration, iso
 
 ZERO = Decimal(0)
+MAX_FAILURE_BACKOFF = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,15 @@ class KindUsage:
     total_count: int = 0
     total_amount: Decimal = ZERO
     last_at: datetime | None = None  # newest transfer of this kind not known to have failed
+    failures: int = 0  # failed attempts in a row since the last one that moved money (NotSent excluded)
+    last_failure_at: datetime | None = None
+    last_failure: str | None = None  # its error code
+
+    def retry_after(self) -> datetime | None:
+        """After n failures in a row, wait 1m, 2m, 4m ... up to 1h: a persistent error never loops hot."""
+        if not self.failures or self.last_failure_at is None:
+            return None
+        return self.last_failure_at + min(MAX_FAILURE_BACKOFF, timedelta(minutes=2 ** (self.failures - 1)))
 
     def window(self, name: str, now: datetime) -> tuple[int, Decimal]:
         """(count, amount) in a rolling window. A transfer exactly `length` old is outside: (now-length, now]."""
@@ -44,6 +54,7 @@ class Usage:
     net_top_up: Decimal = ZERO  # all top-ups minus all sweeps
     peak_equity: Decimal | None = None
     top_up_halt: str | None = None  # reason, when top-ups of this account are halted
+    halt: str | None = None  # reason, when everything on this account is halted (transfers of both kinds)
     unresolved: str | None = None  # a transfer whose outcome is not proven blocks the account
 
 
@@ -90,6 +101,14 @@ def _kill_switch(policy: Policy, snapshot: Snapshot, usage: Usage) -> str | None
             return (f"kill switch: equity {_fmt(snapshot.equity, cur)} is {drawdown:.2f}% below its peak "
                     f"{_fmt(usage.peak_equity, cur)} (equity_drawdown_pct {ks.equity_drawdown_pct})")
     return None
+
+
+def _backing_off(what: str, usage: KindUsage, now: datetime) -> str | None:
+    until = usage.retry_after()
+    if until is None or now >= until:
+        return None
+    return (f"{usage.failures} failed {what} attempt(s) in a row (last: {usage.last_failure}); "
+            f"next try after {iso(until)}")
 
 
 def _apply_caps(wanted: Decimal, caps: list[tuple[str, Decimal, str]], currency: str
@@ -157,6 +176,8 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
     cur = policy.currency
     if usage.unresolved:
         return Decision("none", None, f"blocked: {usage.unresolved}", bound_by="unresolved")
+    if usage.halt:
+        return Decision("none", None, f"account halted: {usage.halt}", bound_by="halt")
     if snapshot is None:
         return Decision("none", None, f"no equity reading: {no_reading or 'source gave nothing'}",
                         bound_by="no_reading")
@@ -187,6 +208,8 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
             until = usage.top_up.last_at + rule.cooldown
             return Decision("none", None, f"{fired}; top_up.cooldown {fmt_duration(rule.cooldown)} until "
                             f"{iso(until)}", bound_by="top_up.cooldown", details=details)
+        if (backoff := _backing_off("top-up", usage.top_up, now)) is not None:
+            return Decision("none", None, f"{fired}; {backoff}", bound_by="failure_backoff", details=details)
         return _sized("top_up", fired, rule.target_equity - equity, rule.min_amount, rule.max_amount,
                       policy, usage, now, funding_balance, broker, details, snapshot)
 
@@ -197,6 +220,9 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
             until = usage.sweep.last_at + rule.cooldown
             return Decision("none", None, f"{fired}; sweep.cooldown {fmt_duration(rule.cooldown)} until "
                             f"{iso(until)}", bound_by="sweep.cooldown", kill_switch=tripped, details=details)
+        if (backoff := _backing_off("sweep", usage.sweep, now)) is not None:
+            return Decision("none", None, f"{fired}; {backoff}", bound_by="failure_backoff", kill_switch=tripped,
+                            details=details)
         decision = _sized("sweep", fired, equity - rule.target_equity, rule.min_amount, rule.max_amount,
                           policy, usage, now, funding_balance, broker, details, snapshot)
         if tripped:
