@@ -12,7 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent import money
-from agent.ledger.models import UNRESOLVED_STATES, DecisionRow, EquityPeak, Halt, Transfer, TransferEvent
+from agent.ledger.models import (
+    UNRESOLVED_STATES,
+    DecisionRow,
+    EquityPeak,
+    Halt,
+    Transfer,
+    TransferEvent,
+)
 from agent.policy.evaluate import Decision, KindUsage, Usage
 from agent.timeutil import iso
 
@@ -105,49 +112,58 @@ def note_equity(session: Session, account: str, equity: Decimal, at: datetime) -
         row.at = at
 
 
-def _kind_usage(session: Session, account: str, kind: str, now: datetime) -> KindUsage:
-    counted = (Transfer.account == account, Transfer.kind == kind, Transfer.state.in_(COUNTED_STATES))
-    total_count, total_minor = session.execute(
-        select(func.count(Transfer.id), func.coalesce(func.sum(Transfer.amount_minor), 0)).where(*counted)).one()
-    recent = session.scalars(select(Transfer).where(*counted, Transfer.created_at > now - timedelta(days=7))
-                             .order_by(Transfer.created_at)).all()
-    last = session.scalars(select(Transfer.created_at).where(*counted).order_by(Transfer.created_at.desc())
-                           .limit(1)).first()
-    currency = recent[0].currency if recent else None
-    if currency is None:
-        currency = session.scalars(select(Transfer.currency).where(*counted).limit(1)).first() or "USD"
-    # failed attempts since the newest transfer that may have moved money (a NotSent never reached the broker)
-    tail = session.scalars(select(Transfer).where(Transfer.account == account, Transfer.kind == kind)
-                           .order_by(Transfer.id.desc()).limit(FAILURE_LOOKBACK)).all()
+def _failure_tail(rows: list[Any], kind: str) -> tuple[int, Any]:
+    """Failed attempts of `kind` since its newest attempt that may have moved money; rows are newest first."""
     failures = []
-    for t in tail:
-        if t.state != "failed":
+    for row in rows:
+        if row.kind != kind:
+            continue
+        if row.state != "failed":
             break
-        if t.error_code not in NO_BROKER_ERROR:
-            failures.append(t)
-    last_failure = failures[0] if failures else None
-    return KindUsage(recent=tuple((t.created_at, amount_of(t)) for t in recent), total_count=int(total_count),
-                     total_amount=money.from_minor(int(total_minor), currency), last_at=last,
-                     failures=len(failures), last_failure_at=last_failure.updated_at if last_failure else None,
-                     last_failure=last_failure.error_code if last_failure else None)
+        if row.error_code not in NO_BROKER_ERROR:
+            failures.append(row)
+    return len(failures), (failures[0] if failures else None)
 
 
 def usage(session: Session, account: str, now: datetime) -> Usage:
-    """What the ledger says about this account, counting unresolved transfers as if they happened."""
-    top_up = _kind_usage(session, account, "top_up", now)
-    sweep = _kind_usage(session, account, "sweep", now)
-    last_sweep = session.scalars(select(Transfer.id).where(
-        Transfer.account == account, Transfer.kind == "sweep", Transfer.state == "confirmed")
-        .order_by(Transfer.id.desc()).limit(1)).first()
+    """What the ledger says about this account, counting unresolved transfers as if they happened.
+
+    A handful of narrow queries (it runs before every evaluation): totals by kind and state, the last week's
+    counted rows, the newest attempts, the top-ups since the last sweep, halts, unresolved rows, the peak.
+    """
+    totals = session.execute(
+        select(Transfer.kind, Transfer.state, func.count(Transfer.id),
+               func.coalesce(func.sum(Transfer.amount_minor), 0), func.max(Transfer.created_at),
+               func.max(Transfer.id), func.min(Transfer.currency))
+        .where(Transfer.account == account).group_by(Transfer.kind, Transfer.state)).all()
+    currency = next((row[6] for row in totals), "USD")
+    week = session.execute(
+        select(Transfer.kind, Transfer.created_at, Transfer.amount_minor)
+        .where(Transfer.account == account, Transfer.state.in_(COUNTED_STATES),
+               Transfer.created_at > now - timedelta(days=7)).order_by(Transfer.created_at)).all()
+    newest = session.execute(
+        select(Transfer.kind, Transfer.state, Transfer.error_code, Transfer.updated_at)
+        .where(Transfer.account == account).order_by(Transfer.id.desc()).limit(FAILURE_LOOKBACK * 2)).all()
+
+    def kind_usage(kind: str) -> KindUsage:
+        counted = [row for row in totals if row[0] == kind and row[1] in COUNTED_STATES]
+        count = sum(int(row[2]) for row in counted)
+        minor = sum(int(row[3]) for row in counted)
+        last_at = max((row[4] for row in counted), default=None)
+        failures, last_failure = _failure_tail(newest, kind)
+        return KindUsage(recent=tuple((at, money.from_minor(m, currency)) for k, at, m in week if k == kind),
+                         total_count=count, total_amount=money.from_minor(minor, currency), last_at=last_at,
+                         failures=failures, last_failure_at=last_failure.updated_at if last_failure else None,
+                         last_failure=last_failure.error_code if last_failure else None)
+
+    top_up, sweep = kind_usage("top_up"), kind_usage("sweep")
+    confirmed_sweeps = [row for row in totals if row[0] == "sweep" and row[1] == "confirmed"]
     since = select(func.count(Transfer.id)).where(Transfer.account == account, Transfer.kind == "top_up",
                                                   Transfer.state.in_(COUNTED_STATES))
-    if last_sweep is not None:
-        since = since.where(Transfer.id > last_sweep)
+    if confirmed_sweeps:
+        since = since.where(Transfer.id > confirmed_sweeps[0][5])
     consecutive = int(session.execute(since).scalar_one())
-    confirmed_sweeps = session.execute(select(func.coalesce(func.sum(Transfer.amount_minor), 0)).where(
-        Transfer.account == account, Transfer.kind == "sweep", Transfer.state == "confirmed")).scalar_one()
-    currency = session.scalars(select(Transfer.currency).where(Transfer.account == account).limit(1)).first()
-    net = top_up.total_amount - (money.from_minor(int(confirmed_sweeps), currency) if currency else Decimal(0))
+    swept = money.from_minor(int(confirmed_sweeps[0][3]), currency) if confirmed_sweeps else Decimal(0)
     halts = active_halts(session, account)
     halt_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts) or None
     all_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts
@@ -158,7 +174,7 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
         t = open_rows[0]
         blocked = (f"transfer {t.id} ({t.kind} {money.fmt(amount_of(t), t.currency)}) is {t.state}; "
                    "resolve it with `fund-agent reconcile` or `fund-agent resolve`")
-    return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=net,
+    return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=top_up.total_amount - swept,
                  peak_equity=peak_equity(session, account), top_up_halt=halt_reason, halt=all_reason,
                  unresolved=blocked)
 
