@@ -15,6 +15,7 @@ demo: $(BIN)/.installed
 	$(BIN)/fund-agent demo
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check agent tests bench migrations
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

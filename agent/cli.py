@@ -352,8 +352,13 @@ def halt(ctx: click.Context, account: str, reason: str) -> None:
     """Stop top-ups of ACCOUNT until `fund-agent resume ACCOUNT`."""
     from agent.ledger import queries
     from agent.ledger.db import Ledger
+    from agent.policy.load import MT5_LOGIN
     from agent.timeutil import utcnow
 
+    if not MT5_LOGIN.match(account):
+        raise click.BadParameter(f"{account!r} is not an MT5 login like MTR130002534", param_hint="ACCOUNT")
+    if not reason.strip():
+        raise click.BadParameter("give a reason: it is recorded in the ledger", param_hint="--reason")
     config = _config(ctx)
     ledger_ = Ledger.open(config.database)
     try:
@@ -466,6 +471,34 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
     finally:
         ledger_.close()
     click.echo(f"transfer {transfer_id}: {done.state} (by {who})")
+
+
+@cli.command()
+@click.option("--account", help="MT5 login, e.g. MTR130002534")
+@click.option("--all", "show_all", is_flag=True, help="Include halts already cleared by `resume`.")
+@click.option("--format", "fmt", type=click.Choice(output.FORMATS), default="table", show_default=True)
+@click.pass_context
+def halts(ctx: click.Context, account: str | None, show_all: bool, fmt: str) -> None:
+    """Halts (operator, kill switch, unresolved, operator needed): active ones, or all with --all."""
+    from sqlalchemy import select
+
+    from agent.ledger.models import Halt
+    from agent.timeutil import iso
+
+    def query(session: Any) -> list[dict[str, Any]]:
+        statement = select(Halt).order_by(Halt.id)
+        if account:
+            statement = statement.where(Halt.account == account)
+        if not show_all:
+            statement = statement.where(Halt.cleared_at.is_(None))
+        return [{"id": h.id, "account": h.account, "kind": h.kind, "scope": h.scope, "reason": h.reason,
+                 "created_at": iso(h.created_at), "created_by": h.created_by,
+                 "cleared_at": iso(h.cleared_at) if h.cleared_at else None, "cleared_by": h.cleared_by}
+                for h in session.scalars(statement)]
+
+    records = _read(ctx, query)
+    click.echo(output.render(records, fmt, ["id", "account", "kind", "scope", "created_at", "created_by",
+                                            "cleared_at", "reason"]))
 
 
 # ---- db ----
