@@ -44,8 +44,10 @@ def rss_mib() -> float:
 def agent_heap() -> int:
     """Bytes held by the agent's side: the in-process test broker's own state (its statement grows, as a real
     broker's does) and its server stack are left out."""
-    exclude = [tracemalloc.Filter(False, "*/agent/broker/fake.py"), tracemalloc.Filter(False, "*/websockets/*"),
-               tracemalloc.Filter(False, "*/asyncio/*"), tracemalloc.Filter(False, tracemalloc.__file__)]
+    exclude = [tracemalloc.Filter(False, "*/agent/broker/fake.py", all_frames=True),
+               tracemalloc.Filter(False, "*/websockets/*", all_frames=True),
+               tracemalloc.Filter(False, "*/asyncio/*", all_frames=True),
+               tracemalloc.Filter(False, tracemalloc.__file__)]
     snapshot = tracemalloc.take_snapshot().filter_traces(exclude)
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
@@ -72,7 +74,7 @@ def main(evaluations: int = 2000) -> None:
         clock.advance(timedelta(minutes=10))
         engine.tick(policy)
     gc.collect()
-    tracemalloc.start()
+    tracemalloc.start(16)  # deep enough to see through to the test broker's frames
     heap0 = agent_heap()
     rss0 = rss_mib()
     started = time.perf_counter()
