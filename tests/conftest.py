@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from agent.broker.fake import FakeDeriv
+from agent.equity.base import Snapshot
+from agent.timeutil import Clock
 
 TOKEN = "test-token-5e3cr3t-value"
 FUNDING = "CR4000128"
@@ -74,3 +77,21 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "agent", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+class FixedSource:
+    """An equity source whose equity the test sets; readings are taken 'now' on the given clock."""
+
+    name = "fixed"
+
+    def __init__(self, clock: Clock, equity: str = "1500") -> None:
+        self.clock = clock
+        self.equity = Decimal(equity)
+
+    def read(self, mt5_login: str, max_age_hint: float | None = None) -> Snapshot:
+        return Snapshot(login="130002534", balance=self.equity, equity=self.equity, margin=Decimal(0),
+                        margin_free=self.equity, margin_level=Decimal(0), currency="USD", positions=0,
+                        connected=True, taken_at=self.clock.now(), source=self.name)
+
+    def close(self) -> None:
+        pass

@@ -9,36 +9,19 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import FUNDING, MT5, TOKEN
+from conftest import FUNDING, MT5, TOKEN, FixedSource
 
 from agent.broker.deriv import DerivClient
 from agent.broker.errors import BrokerError
 from agent.broker.fake import Fault
 from agent.engine.reconcile import Reconciler
 from agent.engine.tick import Engine
-from agent.equity.base import Snapshot
 from agent.ledger import queries
 from agent.ledger.db import Ledger
 from agent.policy.load import parse_policy
 from agent.timeutil import Clock
 
 POLICY = parse_policy((Path(__file__).parent / "policies" / "good" / "base.yaml").read_text(), "base.yaml")
-
-
-class FixedSource:
-    name = "fixed"
-
-    def __init__(self, clock: Clock, equity: str) -> None:
-        self.clock = clock
-        self.equity = Decimal(equity)
-
-    def read(self, mt5_login: str, max_age_hint: float | None = None) -> Snapshot:
-        return Snapshot(login="130002534", balance=self.equity, equity=self.equity, margin=Decimal(0),
-                        margin_free=self.equity, margin_level=Decimal(0), currency="USD", positions=0,
-                        connected=True, taken_at=self.clock.now(), source=self.name)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture

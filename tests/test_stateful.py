@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import FUNDING, MT5, TOKEN
+from conftest import FUNDING, MT5, TOKEN, FixedSource
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -26,7 +26,6 @@ from agent.broker.fake import FakeDeriv, Fault
 from agent.engine import transfers
 from agent.engine.reconcile import Reconciler
 from agent.engine.tick import Engine
-from agent.equity.base import Snapshot
 from agent.ledger import queries
 from agent.ledger.db import Ledger
 from agent.policy.load import parse_policy
@@ -44,22 +43,6 @@ FAULTS = [Fault("mt5_deposit", "drop_after_apply"), Fault("mt5_withdrawal", "dro
           Fault("mt5_deposit", "malformed"), Fault("mt5_deposit", "drop_before_apply")]
 
 
-class Source:
-    name = "machine"
-
-    def __init__(self, clock: ManualClock) -> None:
-        self.clock = clock
-        self.equity = Decimal("1500")
-
-    def read(self, mt5_login: str, max_age_hint: float | None = None) -> Snapshot:
-        return Snapshot(login="130002534", balance=self.equity, equity=self.equity, margin=Decimal(0),
-                        margin_free=self.equity, margin_level=Decimal(0), currency="USD", positions=0,
-                        connected=True, taken_at=self.clock.now(), source=self.name)
-
-    def close(self) -> None:
-        pass
-
-
 class Machine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -72,7 +55,7 @@ class Machine(RuleBasedStateMachine):
         self.fake.start()
         self.ledger = Ledger.open(f"sqlite:///{self.dir}/ledger.db")
         self.broker = DerivClient(self.fake.url, 1089, TOKEN, timeout=2)
-        self.source = Source(self.clock)
+        self.source = FixedSource(self.clock)
         self.policy = VARIANTS[0]
         self.restart()
 

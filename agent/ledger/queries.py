@@ -203,31 +203,22 @@ class Filters:
     state: str | None = None
 
 
-def list_transfers(session: Session, filters: Filters) -> list[Transfer]:
-    query = select(Transfer).order_by(Transfer.id)
-    if filters.account:
-        query = query.where(Transfer.account == filters.account)
+def _filtered(model: Any, at: Any, kind: Any, state: Any, filters: Filters) -> Any:
+    """The audit commands' shared filters: account, [since, until) on `at`, and equality on kind and state."""
+    conditions = [column == value for column, value in ((model.account, filters.account), (kind, filters.kind),
+                                                        (state, filters.state)) if value]
     if filters.since:
-        query = query.where(Transfer.created_at >= filters.since)
+        conditions.append(at >= filters.since)
     if filters.until:
-        query = query.where(Transfer.created_at < filters.until)
-    if filters.kind:
-        query = query.where(Transfer.kind == filters.kind)
-    if filters.state:
-        query = query.where(Transfer.state == filters.state)
-    return list(session.scalars(query))
+        conditions.append(at < filters.until)
+    return select(model).where(*conditions).order_by(model.id)
+
+
+def list_transfers(session: Session, filters: Filters) -> list[Transfer]:
+    return list(session.scalars(_filtered(Transfer, Transfer.created_at, Transfer.kind, Transfer.state, filters)))
 
 
 def list_decisions(session: Session, filters: Filters) -> list[DecisionRow]:
-    query = select(DecisionRow).order_by(DecisionRow.id)
-    if filters.account:
-        query = query.where(DecisionRow.account == filters.account)
-    if filters.since:
-        query = query.where(DecisionRow.at >= filters.since)
-    if filters.until:
-        query = query.where(DecisionRow.at < filters.until)
-    if filters.kind:
-        query = query.where(DecisionRow.action == filters.kind)
-    if filters.state:
-        query = query.where(DecisionRow.action == filters.state)
-    return list(session.scalars(query))
+    """Decisions have an action (top_up, sweep, none, error): --kind and --state both filter on it."""
+    return list(session.scalars(_filtered(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action,
+                                          filters)))
