@@ -186,3 +186,11 @@ def test_a_persistent_error_backs_off_instead_of_retrying_every_tick(rig, fake):
     outcomes = [engine.tick(POLICY) for _ in range(3)]
     assert outcomes[1].decision.bound_by == "failure_backoff"
     assert len([r for r in fake.requests if "mt5_deposit" in r]) == 1
+
+
+def test_a_broker_that_refuses_the_limit_calls_still_gets_the_transfer(rig, fake):
+    make, ledger = rig
+    fake.inject(Fault("website_status", "error", code="UnrecognisedRequest"))
+    fake.inject(Fault("get_limits", "error", code="PermissionDenied"))
+    outcome = make().tick(POLICY)
+    assert outcome.transfer is not None and outcome.transfer["state"] == "confirmed"

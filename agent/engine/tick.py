@@ -11,7 +11,7 @@ from typing import Any
 
 from agent import money
 from agent.broker.deriv import DerivClient
-from agent.broker.errors import NEEDS_OPERATOR, BrokerError
+from agent.broker.errors import NEEDS_OPERATOR, BrokerError, LostReply, NotSent
 from agent.engine import transfers
 from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource, NoReading, Snapshot
@@ -61,13 +61,28 @@ class Engine:
     # ---- broker facts ----
 
     def broker_limits(self, currency: str) -> BrokerLimits:
+        """The broker's live per-transfer min/max and daily MT5 count. A broker that refuses one of these calls
+        (an API error, not a lost connection) leaves that limit unknown: it still enforces it itself, and its
+        refusal proves nothing moved."""
         if self.broker is None:
             return BrokerLimits()
-        if self._status is None or time.monotonic() - self._status[0] > STATUS_TTL:
-            self._status = (time.monotonic(), self.broker.website_status())
-        config = (self._status[1].get("currencies_config") or {}).get(currency) or {}
-        mt5 = (config.get("transfer_between_accounts") or {}).get("limits_mt5") or {}
-        daily = ((self.broker.get_limits().get("daily_transfers") or {}).get("mt5") or {})
+        mt5: dict[str, Any] = {}
+        daily: dict[str, Any] = {}
+        try:
+            if self._status is None or time.monotonic() - self._status[0] > STATUS_TTL:
+                self._status = (time.monotonic(), self.broker.website_status())
+            config = (self._status[1].get("currencies_config") or {}).get(currency) or {}
+            mt5 = (config.get("transfer_between_accounts") or {}).get("limits_mt5") or {}
+        except (NotSent, LostReply):
+            raise
+        except BrokerError as exc:
+            log.warning("website_status refused (%s): per-transfer limits unknown, the broker enforces them", exc.code)
+        try:
+            daily = (self.broker.get_limits().get("daily_transfers") or {}).get("mt5") or {}
+        except (NotSent, LostReply):
+            raise
+        except BrokerError as exc:
+            log.warning("get_limits refused (%s): daily transfer count unknown, the broker enforces it", exc.code)
 
         def dec(value: Any) -> Decimal | None:
             return Decimal(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
