@@ -122,8 +122,8 @@ def test_service_end_to_end(service_dir, fake):
         count = len(decisions(workspace))
         wait_for(lambda: len(decisions(workspace)) > count + 1, what="evaluations going on")
 
-        # the broker drops every connection: the agent reconnects and goes on
-        fake.drop_connections()
+        # the broker restarts under the agent: it reconnects, authorizes again and goes on
+        fake.restart(down_for=1.5)
         with fake.lock:  # the MT5 side has made profit, as the status file will say
             fake.state.accounts["MTR130002534"].balance = Decimal("3500.00")
         write_status(workspace / "status", equity="3500.00")

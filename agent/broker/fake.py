@@ -139,6 +139,15 @@ class FakeDeriv:
         if self._thread is not None:
             self._thread.join(10)
 
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server and start it again on the same port, keeping accounts and statements (a broker
+        restart): every connection is lost and clients must reconnect and authorize again."""
+        import time
+
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
     def drop_connections(self) -> None:
         """Close every client connection now (a network blip)."""
         if self._loop is None:
