@@ -297,7 +297,7 @@ def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
     if opened is None:
         return []
     try:
-        with opened.session() as session:
+        with opened.reader() as session:
             return query(session)
     finally:
         opened.close()
@@ -324,7 +324,7 @@ def status(ctx: click.Context, fmt: str) -> None:
     rows = []
     try:
         if opened is not None:
-            with opened.session() as session:
+            with opened.reader() as session:
                 rows = [account_status(session, p, utcnow()) for p in policies]
         else:
             from agent.ledger.queries import Usage

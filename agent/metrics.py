@@ -41,7 +41,7 @@ def render_metrics(service: Service) -> str:
     metric("fund_agent_broker_connected", "gauge", "1 while the Deriv connection is authorized.",
            [({}, 1 if broker is not None and broker.connected else 0)])
     if service.ledger is not None:
-        with service.ledger.session() as session:
+        with service.ledger.reader() as session:
             counts = session.execute(select(Transfer.kind, Transfer.state, func.count(Transfer.id))
                                      .group_by(Transfer.kind, Transfer.state)).all()
             unresolved = session.execute(select(func.count(Transfer.id)).where(

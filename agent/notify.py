@@ -192,7 +192,7 @@ class Outbox:
     def deliver(self, limit: int = 50) -> int:
         now = self.clock.now()
         by_name = {c.name: c for c in self.channels}
-        with self.ledger.session() as session:
+        with self.ledger.reader() as session:
             due = session.scalars(select(OutboxRow).where(OutboxRow.delivered_at.is_(None),
                                                           OutboxRow.next_attempt_at <= now)
                                   .order_by(OutboxRow.id).limit(limit)).all()

@@ -106,3 +106,14 @@ def test_head_constant_matches_the_migration_scripts():
     from agent.ledger.db import HEAD
 
     assert HEAD == head_revision()
+
+
+def test_readers_do_not_wait_for_a_writer(tmp_path):
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}")
+    intent(ledger)
+    with ledger.session() as writer:
+        writer.execute(text("UPDATE transfers SET reason = 'held'"))  # the write lock is held from here
+        with ledger.reader() as reader:  # a reader still sees the last committed state at once
+            assert reader.execute(text("SELECT reason FROM transfers")).scalar_one() == "test"
+        writer.commit()
+    ledger.close()

@@ -77,7 +77,7 @@ class Reconciler:
         self.settle_window = settle_window
 
     def run(self, account: str | None = None) -> list[Verdict]:
-        with self.ledger.session() as session:
+        with self.ledger.reader() as session:
             open_rows = queries.unresolved(session, account)
         return [self.resolve_one(t) for t in open_rows]
 
@@ -131,7 +131,7 @@ class Reconciler:
         found = [r for r in rows if matches(r, t, self.broker.app_id)]
         if not found:
             return []
-        with self.ledger.session() as session:
+        with self.ledger.reader() as session:
             linked = set(session.scalars(select(Transfer.broker_txn_id).where(
                 Transfer.broker_txn_id.in_([r["transaction_id"] for r in found]), Transfer.id != t.id)))
         return [r for r in found if r["transaction_id"] not in linked]

@@ -112,12 +112,12 @@ class Engine:
         usage = queries.Usage()
         if self.ledger is not None:
             if execute and self.reconciler is not None:
-                with self.ledger.session() as session:
+                with self.ledger.reader() as session:
                     open_rows = bool(queries.unresolved(session, policy.mt5))
                 if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
                     for verdict in self.reconciler.run(policy.mt5):
                         log.warning("%s", verdict)
-            with self.ledger.session() as session:
+            with self.ledger.reader() as session:
                 usage = queries.usage(session, policy.mt5, now)
         funding_balance = None
         limits = BrokerLimits()

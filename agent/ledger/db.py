@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # The newest migration. Checked against migrations/ by a test; lets a ledger that is already current open
 # without importing Alembic (a third of the start-up time of every command).
 HEAD = "0002"
+READ_ONLY_OPTION = "fund_agent_read_only"
 
 
 class LedgerError(Exception):
@@ -66,8 +67,10 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # type: ignore[no-untyped-def]
-        # IMMEDIATE takes the write lock up front: two writers never deadlock half-way through.
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        # Writers take the write lock up front (IMMEDIATE): two writers never deadlock half-way through.
+        # Readers (Ledger.reader) begin deferred and never wait for, or block, a writer under WAL.
+        reading = readonly or conn.get_execution_options().get(READ_ONLY_OPTION)
+        conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -136,6 +139,8 @@ class Ledger:
         self.url = url
         self.engine = make_engine(url, readonly=readonly)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY_OPTION: True}),
+                                    expire_on_commit=False)
 
     @classmethod
     def open(cls, url: str) -> Ledger:
@@ -155,7 +160,12 @@ class Ledger:
         return ledger
 
     def session(self) -> Session:
+        """A session for writing: its transaction begins IMMEDIATE."""
         return self.sessions()
+
+    def reader(self) -> Session:
+        """A session that only reads: deferred BEGIN, a consistent snapshot, no write lock."""
+        return self.readers()
 
     def close(self) -> None:
         self.engine.dispose()
