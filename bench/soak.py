@@ -2,7 +2,7 @@
 
 Prints memory at start and end (RSS and Python heap), the counts of evaluations, transfers, decisions and
 errors, and the rate. Time is virtual (each evaluation advances 10 minutes) so cooldowns and windows roll over.
-Usage: python bench/soak.py [EVALUATIONS]
+Usage: python bench/soak.py [EVALUATIONS] [--heap]   (--heap: trace the agent's heap too; much slower)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -52,7 +53,7 @@ def agent_heap() -> int:
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
-def main(evaluations: int = 2000) -> None:
+def main(evaluations: int = 2000, heap: bool = False) -> None:
     logging.disable(logging.WARNING)  # the soak counts; it does not print every verdict
     policy = parse_policy((ROOT / "policies" / "example.yaml").read_text(), "example.yaml")
     clock = ManualClock(datetime(2026, 1, 5, tzinfo=UTC))
@@ -61,6 +62,7 @@ def main(evaluations: int = 2000) -> None:
     fake.add_account(policy.mt5, "USD", "450.00", mt5=True)
     token = secrets.token_hex(12)
     fake.add_token(token, policy.funding)
+    fake.requests = deque(maxlen=100)  # the test broker's request log is for tests, not for soaks
     fake.start()
     workdir = Path(tempfile.mkdtemp(prefix="fund-agent-soak-"))
     ledger = Ledger.open(f"sqlite:///{workdir / 'ledger.db'}")
@@ -74,8 +76,10 @@ def main(evaluations: int = 2000) -> None:
         clock.advance(timedelta(minutes=10))
         engine.tick(policy)
     gc.collect()
-    tracemalloc.start(16)  # deep enough to see through to the test broker's frames
-    heap0 = agent_heap()
+    if heap:
+        tracemalloc.start(16)  # deep enough to see through to the test broker's frames (slow: --heap only)
+    heap0 = agent_heap() if heap else 0
+    objects0 = len(gc.get_objects())
     rss0 = rss_mib()
     started = time.perf_counter()
     for _ in range(evaluations):
@@ -86,7 +90,8 @@ def main(evaluations: int = 2000) -> None:
             errors += 1
     took = time.perf_counter() - started
     gc.collect()
-    heap1 = agent_heap()
+    heap1 = agent_heap() if heap else 0
+    objects1 = len(gc.get_objects())
     rss1 = rss_mib()
     with ledger.session() as session:
         rows = queries.list_transfers(session, queries.Filters())
@@ -96,8 +101,10 @@ def main(evaluations: int = 2000) -> None:
         states[f"{t.kind}/{t.state}"] = states.get(f"{t.kind}/{t.state}", 0) + 1
     print(f"soak: {evaluations} evaluations (+{warmup} warm-up) in {took:.1f}s = {evaluations / took:.0f}/s, "
           f"{took / evaluations * 1000:.2f} ms each")
-    print(f"soak: memory RSS {rss0:.1f} -> {rss1:.1f} MiB, Python heap {heap0 / 1024:.0f} -> {heap1 / 1024:.0f} KiB "
-          f"(growth {(heap1 - heap0) / 1024:+.0f} KiB)")
+    print(f"soak: memory RSS {rss0:.1f} -> {rss1:.1f} MiB, live Python objects {objects0} -> {objects1}")
+    if heap:
+        print(f"soak: the agent's Python heap {heap0 / 1024:.0f} -> {heap1 / 1024:.0f} KiB "
+              f"(growth {(heap1 - heap0) / 1024:+.0f} KiB)")
     print(f"soak: transfers {len(rows)} {states}, decisions {decisions}, errors {errors}, "
           f"virtual time {evaluations * 10 / 60 / 24:.0f} days")
     broker.close()
@@ -106,4 +113,5 @@ def main(evaluations: int = 2000) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    args = [a for a in sys.argv[1:] if a != "--heap"]
+    main(int(args[0]) if args else 2000, heap="--heap" in sys.argv)
