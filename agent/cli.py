@@ -12,6 +12,7 @@ import click
 
 from agent import output
 from agent.config import Config, ConfigError, find_config, load_config
+from agent.logs import redact
 from agent.policy.load import Problem, load_policies, policy_files
 from agent.policy.warnings import DEFAULT_BROKER, broker_warnings
 from agent.timeutil import parse_iso
@@ -327,13 +328,7 @@ def status(ctx: click.Context, fmt: str) -> None:
             with opened.reader() as session:
                 rows = [account_status(session, p, utcnow()) for p in policies]
         else:
-            from agent.ledger.queries import Usage
-            from agent.policy.evaluate import usage_details
-
-            rows = [{"account": p.mt5, "policy": p.name, "policy_sha256": p.sha256, "policy_file": p.path,
-                     "last_equity": None, "last_equity_age_s": None, "last_evaluation_at": None,
-                     "last_decision": None, "windows": usage_details(p, Usage(), utcnow()), "halted": False,
-                     "halts": [], "unresolved": [], "last_error": None} for p in policies]
+            rows = [account_status(None, p, utcnow()) for p in policies]
     finally:
         if opened is not None:
             opened.close()
@@ -553,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_FAIL)
     except (Failure, ConfigError) as exc:
-        click.echo(f"fund-agent: error: {exc}", err=True)
+        click.echo(f"fund-agent: error: {redact(str(exc))}", err=True)
         sys.exit(EXIT_FAIL)
     except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback unless --debug
         if debug:
@@ -561,6 +556,6 @@ def main(argv: list[str] | None = None) -> None:
         from agent.broker.errors import BrokerError
 
         prefix = "broker error" if isinstance(exc, BrokerError) else type(exc).__name__
-        click.echo(f"fund-agent: error: {prefix}: {exc}", err=True)
+        click.echo(f"fund-agent: error: {prefix}: {redact(str(exc))}", err=True)
         sys.exit(EXIT_FAIL)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -15,7 +15,14 @@ from agent.policy.model import Policy
 from agent.timeutil import iso
 
 
-def account_status(session: Session, policy: Policy, now: datetime) -> dict[str, Any]:
+def account_status(session: Session | None, policy: Policy, now: datetime) -> dict[str, Any]:
+    """`session` None: no ledger exists yet, so nothing has happened on the account."""
+    if session is None:
+        return {"account": policy.mt5, "policy": policy.name, "policy_sha256": policy.sha256,
+                "policy_file": policy.path, "last_equity": None, "last_equity_age_s": None,
+                "last_evaluation_at": None, "last_decision": None,
+                "windows": usage_details(policy, queries.Usage(), now), "halted": False, "halts": [],
+                "unresolved": [], "last_error": None}
     last = session.scalars(select(DecisionRow).where(DecisionRow.account == policy.mt5)
                            .order_by(DecisionRow.id.desc()).limit(1)).first()
     with_equity = session.scalars(select(DecisionRow).where(DecisionRow.account == policy.mt5,

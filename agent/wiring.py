@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
+from agent import logs
 from agent.broker.deriv import READ_SCOPES, TRANSFER_SCOPES, DerivClient
 from agent.config import Config, ConfigError
 from agent.engine.reconcile import Reconciler
@@ -16,6 +17,7 @@ from agent.timeutil import Clock, parse_duration
 def make_broker(config: Config, transfers: bool = True) -> DerivClient:
     """Reads the token from the environment (MissingSecret names the variable if it is not set)."""
     scopes = READ_SCOPES + TRANSFER_SCOPES if transfers else READ_SCOPES
+    logs.register_secret(config.broker.token())  # whatever echoes it later prints *** instead
     return DerivClient(config.broker.url, config.broker.resolved_app_id(), config.broker.token(),
                        timeout=config.broker.timeout, required_scopes=scopes)
 
