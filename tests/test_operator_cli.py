@@ -116,3 +116,19 @@ def test_db_upgrade_and_usage_errors(workspace):
     missing = run_cli("--config", "nope.yaml", "ledger", cwd=workspace)
     assert missing.returncode == 1 and "config file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_resume_after_a_kill_switch_counts_afresh(workspace, fake):
+    policy = workspace / "policies" / "example.yaml"
+    policy.write_text(policy.read_text().replace("consecutive_top_ups: 5", "consecutive_top_ups: 1")
+                      .replace("cooldown: 30m", "cooldown: 1s"))
+    write_status(workspace / "status", equity="450.00")
+    assert run_cli("run", "--once", cwd=workspace, env=ENV).returncode == 0  # the one top-up allowed
+    tripped = run_cli("run", "--once", cwd=workspace, env=ENV)
+    assert "kill switch: 1 top-ups with no sweep between them" in tripped.stdout
+    kinds = [h["kind"] for h in json.loads(run_cli("halts", "--format", "json", cwd=workspace).stdout)]
+    assert kinds == ["kill_switch"]
+    assert "1 halt(s) cleared" in run_cli("resume", MT5, cwd=workspace).stdout
+    again = run_cli("run", "--once", cwd=workspace, env=ENV)  # counts from the resume: one more is allowed
+    assert "confirmed" in again.stdout, again.stdout
+    assert len(fake.transfers(FUNDING)) == 2

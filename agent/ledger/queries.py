@@ -91,11 +91,23 @@ def add_halt(session: Session, account: str, kind: str, reason: str, at: datetim
 
 
 def clear_halts(session: Session, account: str, at: datetime, by: str) -> int:
+    """`resume`: clears the halts; the kill switch then counts afresh (see kill_switch_since)."""
     halts = active_halts(session, account)
     for halt in halts:
         halt.cleared_at = at
         halt.cleared_by = by
+    if any(h.kind == "kill_switch" for h in halts):
+        peak = session.get(EquityPeak, account)
+        if peak is not None:  # the drawdown is measured from the peak seen after the resume
+            session.delete(peak)
     return len(halts)
+
+
+def kill_switch_since(session: Session, account: str) -> datetime | None:
+    """When an operator last resumed a kill-switch halt: the kill switch counts only what came after, or the
+    same old top-ups would trip it again at once."""
+    return session.execute(select(func.max(Halt.cleared_at)).where(
+        Halt.account == account, Halt.kind == "kill_switch", Halt.cleared_at.is_not(None))).scalar_one()
 
 
 def peak_equity(session: Session, account: str) -> Decimal | None:
@@ -162,8 +174,19 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
                                                   Transfer.state.in_(COUNTED_STATES))
     if confirmed_sweeps:
         since = since.where(Transfer.id > confirmed_sweeps[0][5])
+    resumed = kill_switch_since(session, account)
+    net = top_up.total_amount - (money.from_minor(int(confirmed_sweeps[0][3]), currency) if confirmed_sweeps
+                                 else Decimal(0))
+    if resumed is not None:
+        since = since.where(Transfer.created_at > resumed)
+        flows = dict(session.execute(
+            select(Transfer.kind, func.coalesce(func.sum(Transfer.amount_minor), 0))
+            .where(Transfer.account == account, Transfer.created_at > resumed,
+                   ((Transfer.kind == "top_up") & Transfer.state.in_(COUNTED_STATES))
+                   | ((Transfer.kind == "sweep") & (Transfer.state == "confirmed")))
+            .group_by(Transfer.kind)).all())
+        net = money.from_minor(int(flows.get("top_up", 0)) - int(flows.get("sweep", 0)), currency)
     consecutive = int(session.execute(since).scalar_one())
-    swept = money.from_minor(int(confirmed_sweeps[0][3]), currency) if confirmed_sweeps else Decimal(0)
     halts = active_halts(session, account)
     halt_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts) or None
     all_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts
@@ -174,7 +197,7 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
         t = open_rows[0]
         blocked = (f"transfer {t.id} ({t.kind} {money.fmt(amount_of(t), t.currency)}) is {t.state}; "
                    "resolve it with `fund-agent reconcile` or `fund-agent resolve`")
-    return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=top_up.total_amount - swept,
+    return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=net,
                  peak_equity=peak_equity(session, account), top_up_halt=halt_reason, halt=all_reason,
                  unresolved=blocked)
 

@@ -50,8 +50,8 @@ class KindUsage:
 class Usage:
     top_up: KindUsage = KindUsage()
     sweep: KindUsage = KindUsage()
-    consecutive_top_ups: int = 0  # top-ups since the last sweep
-    net_top_up: Decimal = ZERO  # all top-ups minus all sweeps
+    consecutive_top_ups: int = 0  # top-ups since the last sweep (and since the last kill-switch resume)
+    net_top_up: Decimal = ZERO  # all top-ups minus all sweeps (since the last kill-switch resume)
     peak_equity: Decimal | None = None
     top_up_halt: str | None = None  # reason, when top-ups of this account are halted
     halt: str | None = None  # reason, when everything on this account is halted (transfers of both kinds)
