@@ -66,3 +66,8 @@ def test_two_files_for_one_account_is_an_error(tmp_path):
     policies, problems = load_policies([tmp_path / "a.yaml", tmp_path / "b.yaml"])
     assert len(policies) == 1
     assert str(problems[0]).startswith(f"{tmp_path / 'b.yaml'}:4: account.mt5")
+
+
+def test_the_packaged_example_is_the_repository_example():
+    """`fund-agent demo` from an installed wheel reads agent/data/example.yaml: it must not drift."""
+    assert (REPO / "agent" / "data" / "example.yaml").read_text() == (REPO / "policies" / "example.yaml").read_text()
