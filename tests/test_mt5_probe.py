@@ -140,3 +140,23 @@ def test_fake_module_has_the_real_surface():
     assert mt5.AccountInfo._fields[-4:] == ("name", "server", "currency", "company")
     assert "connected" in mt5.TerminalInfo._fields
 
+
+
+def test_run_once_with_the_mt5_source_end_to_end(workspace, fake, tmp_path):
+    from conftest import FUNDING, TOKEN, run_cli
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"mode": "ok", "account": {"equity": 450.0, "balance": 450.0, "margin": 0.0,
+                                                            "margin_free": 450.0, "margin_level": 0.0}}))
+    config = workspace / "fund-agent.yaml"
+    config.write_text(config.read_text().replace(
+        "  source: ea-file\n  dir: status\n",
+        "  source: mt5\n  probe_timeout: 5s\n  terminals:\n    MTR130002534:\n"
+        "      path: 'C:\\MT5-1\\terminal64.exe'\n      server: DerivSVG-Server\n      password_env: MT5_PW\n"))
+    env = {"DERIV_API_TOKEN": TOKEN, "MT5_PW": "pw-s3cret-9", "PYTHONPATH": str(FAKE),
+           "FAKE_MT5_SCRIPT": str(script)}
+    result = run_cli("run", "--once", cwd=workspace, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "top_up 550.00" in result.stdout
+    assert fake.transfers(FUNDING)[0]["amount"] == Decimal("-550.00")
+    assert "pw-s3cret-9" not in result.stdout + result.stderr
