@@ -524,11 +524,21 @@ def db_upgrade(ctx: click.Context) -> None:
 @click.option("--seconds", type=float, default=20.0, show_default=True, help="How long to run.")
 @click.option("--speed", type=float, default=600.0, show_default=True, help="Virtual seconds per real second.")
 @click.option("--seed", type=int, default=7, show_default=True)
-def demo(seconds: float, speed: float, seed: int) -> None:
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Another policy file to run (default: the example policy).")
+@click.option("--start-equity", default="450.00", show_default=True, help="The simulated account's first equity.")
+@click.option("--drift", default="-25", show_default=True, help="The simulation's P/L per step, on average.")
+def demo(seconds: float, speed: float, seed: int, policy_path: Path | None, start_equity: str, drift: str) -> None:
     """The whole system on the embedded default, offline: simulated MT5, loopback broker, temporary ledger."""
+    from decimal import Decimal, InvalidOperation
+
     from agent.demo import run_demo
 
-    run_demo(seconds=seconds, speed=speed, seed=seed)
+    try:
+        start, step = Decimal(start_equity), Decimal(drift)
+    except InvalidOperation:
+        raise click.BadParameter("--start-equity and --drift take numbers") from None
+    run_demo(seconds=seconds, speed=speed, seed=seed, policy_path=policy_path, start_equity=start, drift=step)
 
 
 def main(argv: list[str] | None = None) -> None:

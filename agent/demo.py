@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from agent import output
+from agent import money, output
 from agent.broker.deriv import DerivClient
 from agent.broker.fake import FakeDeriv
 from agent.engine.tick import Engine, TickOutcome
@@ -35,21 +35,23 @@ def example_policy_path() -> Path:
     return repo_copy if repo_copy.exists() else Path(__file__).resolve().parent / "data" / "example.yaml"
 
 
-def run_demo(seconds: float = 20.0, speed: float = 600.0, seed: int = 7) -> None:
-    path = example_policy_path()
+def run_demo(seconds: float = 20.0, speed: float = 600.0, seed: int = 7, policy_path: Path | None = None,
+             start_equity: Decimal = START_EQUITY, drift: Decimal = Decimal("-25")) -> None:
+    path = policy_path or example_policy_path()
     policy = parse_policy(path.read_text("utf-8"), str(path))
+    start_equity = money.round_down(start_equity, policy.currency)
     clock = FastClock(utcnow(), speed)
     workdir = Path(tempfile.mkdtemp(prefix="fund-agent-demo-"))
     fake = FakeDeriv(clock)
     fake.add_account(policy.funding, policy.currency, FUNDING_BALANCE)
-    fake.add_account(policy.mt5, policy.currency, START_EQUITY, mt5=True)
+    fake.add_account(policy.mt5, policy.currency, start_equity, mt5=True)
     token = secrets.token_urlsafe(16)  # lives only in this process: never printed
     fake.add_token(token, policy.funding, ("read", "payments"))
     url = fake.start()
     ledger = Ledger.open(f"sqlite:///{workdir / 'ledger.db'}")
     broker = DerivClient(url, DEMO_APP_ID, token, timeout=5.0)
-    source = SimulatedSource(clock, seed=seed, start_equity=START_EQUITY, volatility=Decimal("60"),
-                             drift=Decimal("-25"), currency=policy.currency, pnl_sink=fake.adjust)
+    source = SimulatedSource(clock, seed=seed, start_equity=start_equity, volatility=Decimal("60"),
+                             drift=drift, currency=policy.currency, pnl_sink=fake.adjust)
 
     def show(outcome: TickOutcome) -> None:
         snap = outcome.snapshot
