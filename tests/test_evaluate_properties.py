@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.equity.base import Snapshot
@@ -55,7 +55,7 @@ def usages(draw):
     return Usage(top_up=kind(), sweep=kind())
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policies(), usages(), cents, st.one_of(st.none(), cents), st.one_of(st.none(), cents))
 def test_no_decision_breaks_a_cap(policy, usage, equity, funding, broker_max):
     snap = Snapshot(login="1", balance=equity, equity=equity, margin=Decimal(0), margin_free=equity,
