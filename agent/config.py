@@ -67,6 +67,7 @@ class Config:
     equity: EquityConfig
     http: dict[str, Any] = field(default_factory=dict)
     notify: dict[str, Any] = field(default_factory=dict)
+    reload_every: float = 2.0  # seconds between checks of the policy files; 0: only on SIGHUP
 
 
 def find_config(explicit: str | None) -> Path:
@@ -107,7 +108,7 @@ def load_config(path: Path) -> Config:
 
 def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     where = f"{path}: " if path else ""
-    known = {"database", "policies", "broker", "equity", "http", "notify"}
+    known = {"database", "policies", "broker", "equity", "http", "notify", "reload_every"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))})")
@@ -146,5 +147,10 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None) -> C
     if source == "ea-file" and not eq_dir:
         raise ConfigError(f"{where}equity.dir is required with the ea-file source")
     equity = EquityConfig(source=source, dir=(base / str(eq_dir)) if eq_dir else None, options=equity_raw)
+    reload_text = str(raw.get("reload_every", "2s"))
+    try:
+        reload_every = 0.0 if reload_text in ("0", "0s") else parse_duration(reload_text).total_seconds()
+    except DurationError as exc:
+        raise ConfigError(f"{where}reload_every: {exc}") from None
     return Config(path=path, database=database, policies=policies, broker=broker, equity=equity,
-                  http=dict(raw.get("http") or {}), notify=dict(raw.get("notify") or {}))
+                  http=dict(raw.get("http") or {}), notify=dict(raw.get("notify") or {}), reload_every=reload_every)

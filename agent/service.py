@@ -36,7 +36,6 @@ from agent.policy.model import Policy
 from agent.timeutil import Clock
 
 log = logging.getLogger("agent.service")
-RELOAD_EVERY = 2.0
 HEARTBEAT_EVERY = 60.0
 HEALTH_SLACK = timedelta(seconds=30)
 
@@ -146,8 +145,9 @@ class Service:
         self._start_http(intake)
         self._start_notifier()
         self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
-        self.scheduler.add_job(self.reload, IntervalTrigger(seconds=RELOAD_EVERY), id="reload",
-                               misfire_grace_time=None)
+        if self.config.reload_every > 0:
+            self.scheduler.add_job(self.reload, IntervalTrigger(seconds=self.config.reload_every), id="reload",
+                                   misfire_grace_time=None)
         self.scheduler.add_job(self._heartbeat, IntervalTrigger(seconds=HEARTBEAT_EVERY), id="heartbeat",
                                misfire_grace_time=None)
 

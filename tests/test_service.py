@@ -171,3 +171,24 @@ def test_second_instance_on_the_same_ledger_refuses(service_dir, fake):
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=20)
     assert first.returncode == 0
+
+
+def test_sighup_reloads_the_policies(service_dir, fake):
+    workspace, _port, _sink = service_dir
+    config = workspace / "fund-agent.yaml"
+    config.write_text(config.read_text() + "reload_every: 0s\n")  # no polling: only SIGHUP reloads
+    write_status(workspace / "status", equity="1500.00")
+    proc = start(workspace)
+    try:
+        wait_for(lambda: decisions(workspace), what="a first evaluation")
+        first_sha = decisions(workspace)[0]["policy_sha256"]
+        policy = workspace / "policies" / "example.yaml"
+        policy.write_text(policy.read_text().replace("target_equity: 1000", "target_equity: 1100"))
+        time.sleep(2.5)
+        assert {d["policy_sha256"] for d in decisions(workspace)} == {first_sha}  # not picked up by itself
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: decisions(workspace)[-1]["policy_sha256"] != first_sha, what="the reload on SIGHUP")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
