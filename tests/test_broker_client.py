@@ -45,9 +45,9 @@ def test_token_without_payments_scope_refuses_to_start(fake):
 def test_bad_app_id_fails_the_handshake(fake):
     c = DerivClient(fake.url.replace("127.0.0.1", "127.0.0.1"), 1089, TOKEN, timeout=2)
     c._url = fake.url + "?app_id=abc"  # a malformed app_id, as a misconfigured URL would carry
-    with pytest.raises(NotSent) as info:
+    with pytest.raises(BrokerError) as info:
         c.connect()
-    assert "InvalidAppID" in str(info.value)
+    assert info.value.code == "InvalidAppID" and info.value.needs_operator and info.value.nothing_moved
 
 
 def test_timeout_is_a_lost_reply(fake):
@@ -149,4 +149,16 @@ def test_daily_mt5_transfer_count(fake):
         c.mt5_deposit(FUNDING, MT5, Decimal("1.00"))
     assert info.value.code == "MaximumTransfers"
     assert c.get_limits()["daily_transfers"]["mt5"]["available"] == 0
+    c.close()
+
+
+def test_a_ping_without_pong_drops_a_dead_connection(fake):
+    c = client(fake, timeout=0.5, ping_interval=0.3)
+    c.connect()
+    fake.inject(Fault("ping", "delay_reply", delay=2.0))  # a half-open connection answers nothing
+    deadline = time.monotonic() + 5
+    while c.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not c.connected
+    assert c.balance(FUNDING)[0] == Decimal("10000.00")  # the next request opens a fresh connection
     c.close()

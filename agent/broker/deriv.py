@@ -113,8 +113,11 @@ class DerivClient:
             ws = websocket.create_connection(self._url, timeout=self.timeout, enable_multithread=True)
         except websocket.WebSocketBadStatusException as exc:
             body = exc.resp_body.decode("utf-8", "replace") if isinstance(exc.resp_body, bytes) else ""
-            code = "InvalidAppID" if exc.status_code == 401 or "InvalidAppID" in body else "HandshakeFailed"
-            raise NotSent(f"{code}: the broker refused the connection (HTTP {exc.status_code})") from None
+            if exc.status_code == 401 or "InvalidAppID" in body:
+                # a wrong app_id needs an operator, not a retry loop (nothing was sent)
+                raise BrokerError("InvalidAppID", f"the broker refused app_id {self.app_id} (HTTP "
+                                  f"{exc.status_code}); check broker.app_id or $DERIV_APP_ID") from None
+            raise NotSent(f"the broker refused the connection (HTTP {exc.status_code})") from None
         except (OSError, websocket.WebSocketException) as exc:
             raise NotSent(f"cannot connect to the broker: {type(exc).__name__}: {exc}") from None
         ws.settimeout(None)  # the reader blocks; per-request deadlines are kept by the waiters
@@ -208,6 +211,10 @@ class DerivClient:
                 continue
             try:
                 self.call({"ping": 1})
+            except LostReply as exc:
+                # no pong: the connection is dead even if no FIN ever came; start afresh on the next request
+                log.warning("ping got no reply (%s); dropping the connection", exc.code)
+                self._drop("ping timed out")
             except BrokerError as exc:
                 log.warning("ping failed: %s", exc.code)
 
