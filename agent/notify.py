@@ -32,7 +32,7 @@ log = logging.getLogger("agent.notify")
 
 EVENTS = ("transfer_confirmed", "transfer_failed", "transfer_unknown", "halt", "kill_switch",
           "policy_reload_failed", "source_down")
-SOURCES = {"transfer_events": TransferEvent, "halts": Halt, "decisions": DecisionRow}
+SOURCES: dict[str, Any] = {"transfer_events": TransferEvent, "halts": Halt, "decisions": DecisionRow}
 MAX_BACKOFF = timedelta(hours=1)
 
 

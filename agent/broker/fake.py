@@ -184,6 +184,7 @@ class FakeDeriv:
 
     async def _handle(self, conn: ServerConnection) -> None:
         self._connections.add(conn)
+        assert conn.request is not None  # the handshake is done before the handler runs
         query = parse_qs(urlsplit(conn.request.path).query)
         app_id = int(query["app_id"][0])
         session: dict[str, Any] = {"app_id": app_id, "token": None}

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -144,7 +145,8 @@ class Engine:
             self.on_outcome(outcome)
         return outcome
 
-    def _record_and_execute(self, policy: Policy, snapshot: Snapshot | None, outcome: TickOutcome, now) -> None:
+    def _record_and_execute(self, policy: Policy, snapshot: Snapshot | None, outcome: TickOutcome,
+                            now: datetime) -> None:
         assert self.ledger is not None
         decision = outcome.decision
         equity = snapshot.equity if snapshot is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -124,7 +125,7 @@ def note_equity(session: Session, account: str, equity: Decimal, at: datetime) -
         row.at = at
 
 
-def _failure_tail(rows: list[Any], kind: str) -> tuple[int, Any]:
+def _failure_tail(rows: Sequence[Any], kind: str) -> tuple[int, Any]:
     """Failed attempts of `kind` since its newest attempt that may have moved money; rows are newest first."""
     failures = []
     for row in rows:

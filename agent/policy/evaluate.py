@@ -214,16 +214,16 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
                       policy, usage, now, funding_balance, broker, details, snapshot)
 
     if policy.sweep is not None and equity > policy.sweep.when_equity_above:
-        rule = policy.sweep
-        fired = f"equity {_fmt(equity, cur)} above {_fmt(rule.when_equity_above, cur)}"
-        if rule.cooldown and usage.sweep.last_at is not None and now - usage.sweep.last_at < rule.cooldown:
-            until = usage.sweep.last_at + rule.cooldown
-            return Decision("none", None, f"{fired}; sweep.cooldown {fmt_duration(rule.cooldown)} until "
+        sweep = policy.sweep
+        fired = f"equity {_fmt(equity, cur)} above {_fmt(sweep.when_equity_above, cur)}"
+        if sweep.cooldown and usage.sweep.last_at is not None and now - usage.sweep.last_at < sweep.cooldown:
+            until = usage.sweep.last_at + sweep.cooldown
+            return Decision("none", None, f"{fired}; sweep.cooldown {fmt_duration(sweep.cooldown)} until "
                             f"{iso(until)}", bound_by="sweep.cooldown", kill_switch=tripped, details=details)
         if (backoff := _backing_off("sweep", usage.sweep, now)) is not None:
             return Decision("none", None, f"{fired}; {backoff}", bound_by="failure_backoff", kill_switch=tripped,
                             details=details)
-        decision = _sized("sweep", fired, equity - rule.target_equity, rule.min_amount, rule.max_amount,
+        decision = _sized("sweep", fired, equity - sweep.target_equity, sweep.min_amount, sweep.max_amount,
                           policy, usage, now, funding_balance, broker, details, snapshot)
         if tripped:
             decision = Decision(decision.action, decision.amount, decision.reason, decision.bound_by, tripped,

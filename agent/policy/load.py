@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ class _Reader:
             return None
         return value
 
-    def duration(self, node: yaml.Node, dotted: str):  # -> timedelta | None
+    def duration(self, node: yaml.Node, dotted: str) -> timedelta | None:
         scalar = self.scalar(node, dotted, "a duration like 30s, 15m, 2h or 1d")
         if scalar is None:
             return None
@@ -321,7 +322,7 @@ def _schedule(reader: _Reader, top: dict) -> Schedule | None:
             reader.error(sec["every"][1], "schedule.every: must be longer than 0s")
     elif "cron" not in sec:
         every = parse_duration(DEFAULT_EVERY)
-    age = parse_duration(DEFAULT_MAX_EQUITY_AGE)
+    age: timedelta | None = parse_duration(DEFAULT_MAX_EQUITY_AGE)
     if "max_equity_age" in sec:
         age = reader.duration(sec["max_equity_age"][1], "schedule.max_equity_age")
         if age is not None and age.total_seconds() <= 0:
