@@ -423,8 +423,9 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
     from sqlalchemy.exc import IntegrityError
 
     from agent.engine.transfers import StateError, settle
+    from agent.ledger import queries
     from agent.ledger.db import Ledger
-    from agent.ledger.models import Halt, Transfer
+    from agent.ledger.models import Transfer
     from agent.timeutil import utcnow
 
     if (txn_id is None) == (not failed):
@@ -458,10 +459,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
         except StateError as exc:
             raise Failure(str(exc)) from None
         with ledger_.session() as session:
-            for halt_row in session.query(Halt).filter(Halt.account == done.account, Halt.kind == "unresolved",
-                                                       Halt.cleared_at.is_(None)):
-                halt_row.cleared_at = now
-                halt_row.cleared_by = who
+            queries.clear_halts(session, done.account, now, who, kind="unresolved")
             session.commit()
     finally:
         ledger_.close()

@@ -8,6 +8,7 @@ notifications from the outbox on their own thread.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -194,8 +195,6 @@ class Service:
             digests = {}
             for path in files:
                 try:
-                    import hashlib
-
                     digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
                 except OSError:
                     digests[str(path)] = "unreadable"

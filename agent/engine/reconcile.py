@@ -25,7 +25,7 @@ from agent.engine.transfers import settle
 from agent.equity.base import login_digits
 from agent.ledger import queries
 from agent.ledger.db import Ledger
-from agent.ledger.models import Halt, Transfer
+from agent.ledger.models import Transfer
 from agent.timeutil import Clock, iso
 
 log = logging.getLogger("agent.reconcile")
@@ -168,8 +168,5 @@ class Reconciler:
 
     def _clear_unresolved_halts(self, account: str, now: datetime) -> None:
         with self.ledger.session() as session:
-            for halt in session.scalars(select(Halt).where(Halt.account == account, Halt.kind == "unresolved",
-                                                           Halt.cleared_at.is_(None))):
-                halt.cleared_at = now
-                halt.cleared_by = "resolved"
+            queries.clear_halts(session, account, now, "resolved", kind="unresolved")
             session.commit()

@@ -91,9 +91,10 @@ def add_halt(session: Session, account: str, kind: str, reason: str, at: datetim
     return halt
 
 
-def clear_halts(session: Session, account: str, at: datetime, by: str) -> int:
-    """`resume`: clears the halts; the kill switch then counts afresh (see kill_switch_since)."""
-    halts = active_halts(session, account)
+def clear_halts(session: Session, account: str, at: datetime, by: str, kind: str | None = None) -> int:
+    """`resume` clears every halt (kind None); a settled transfer clears only the `unresolved` ones it caused.
+    After a kill-switch halt is cleared the kill switch counts afresh (see kill_switch_since)."""
+    halts = [h for h in active_halts(session, account) if kind is None or h.kind == kind]
     for halt in halts:
         halt.cleared_at = at
         halt.cleared_by = by
