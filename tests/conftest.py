@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,36 @@ class FixedSource:
 
     def close(self) -> None:
         pass
+
+
+class Receiver:
+    """A local HTTP receiver (webhook sink, Telegram API stand-in) that records every POST as (path, body)."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.posts: list[tuple[str, dict]] = []
+        self.status = status
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.posts.append((self.path, body))
+                self.send_response(receiver.status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def received(self) -> list[dict]:
+        return [body for _path, body in self.posts]
+
+    def events(self) -> list[str]:
+        return [body["event"] for body in self.received]
+
+    def stop(self) -> None:
+        self.server.shutdown()

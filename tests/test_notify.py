@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import Receiver
 
 from agent.ledger import queries
 from agent.ledger.db import Ledger
 from agent.notify import Outbox, telegram_channel, webhook_channel
 from agent.timeutil import ManualClock
-
-
-class Receiver:
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, dict]] = []
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.posts.append((self.path, body))
-                self.send_response(receiver.status)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture

@@ -9,49 +9,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import FUNDING, TOKEN, run_cli, write_status
+from conftest import FUNDING, TOKEN, Receiver, run_cli, write_status
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Sink:
-    """A local webhook receiver."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                sink.received.append(json.loads(body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self) -> list[str]:
-        return [e["event"] for e in self.received]
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
@@ -74,13 +44,13 @@ def get(url: str) -> tuple[int, str]:
 
 @pytest.fixture
 def service_dir(workspace, fake):
-    sink = Sink()
+    sink = Receiver(status=204)
     port = free_port()
     policy = workspace / "policies" / "example.yaml"
     policy.write_text(policy.read_text().replace("every: 60s", "every: 1s").replace("cooldown: 30m", "cooldown: 1h"))
     config = workspace / "fund-agent.yaml"
     config.write_text(config.read_text() + f"http:\n  listen: 127.0.0.1:{port}\n  intake_secret_env: INTAKE\n"
-                      f"notify:\n  webhook:\n    url: {sink.url}\n")
+                      f"notify:\n  webhook:\n    url: {sink.url}/hook\n")
     yield workspace, port, sink
     sink.stop()
 
