@@ -103,9 +103,10 @@ def check(ctx: click.Context, paths: tuple[Path, ...]) -> None:
 def run(ctx: click.Context, once: bool) -> None:
     """The unattended service (or, with --once, a single pass)."""
     from agent.engine.tick import Engine
+    from agent.instance_lock import LockHeld
     from agent.ledger.db import Ledger
     from agent.timeutil import Clock
-    from agent.wiring import make_broker, make_reconciler, make_source
+    from agent.wiring import make_broker, make_reconciler, make_source, take_ledger
 
     config = _config(ctx)
     policies, problems = _policies(config)
@@ -116,13 +117,21 @@ def run(ctx: click.Context, once: bool) -> None:
 
         ctx.exit(serve(config))
     broker = make_broker(config)
-    ledger = Ledger.open(config.database)
+    try:  # one process moves money on a ledger at a time: a pass beside the service would race it
+        access = take_ledger(config, "run --once", required=True)
+    except LockHeld as exc:
+        raise Failure(f"{exc} (or use `fund-agent plan` to see what a pass would do)") from None
+    try:
+        ledger = Ledger.open(config.database)
+    except BaseException:
+        access.release()
+        raise
     clock = Clock()
     source = make_source(config, clock, broker)
     ok = not problems and bool(policies)
     try:
         broker.connect()
-        reconciler = make_reconciler(config, ledger, broker, clock)
+        reconciler = make_reconciler(config, ledger, broker, clock, access)
         for verdict in reconciler.run():
             click.echo(f"reconcile: {verdict}")
         engine = Engine(ledger, broker, source, clock, reconciler=reconciler)
@@ -134,6 +143,7 @@ def run(ctx: click.Context, once: bool) -> None:
         broker.close()
         source.close()
         ledger.close()
+        access.release()
     ctx.exit(EXIT_OK if ok else EXIT_FAIL)
 
 
@@ -393,17 +403,22 @@ def reconcile(ctx: click.Context) -> None:
     """Resolve sent/unknown transfers against the broker's statement; print what was decided."""
     from agent.ledger.db import Ledger
     from agent.timeutil import Clock
-    from agent.wiring import make_broker, make_reconciler
+    from agent.wiring import make_broker, make_reconciler, take_ledger
 
     config = _config(ctx)
     broker = make_broker(config, transfers=False)
-    ledger_ = Ledger.open(config.database)
+    # Beside a running agent this goes on without the lock: that agent's in-flight transfers are left to it.
+    access = take_ledger(config, "reconcile", required=False)
     try:
-        broker.connect()
-        verdicts = make_reconciler(config, ledger_, broker, Clock()).run()
+        ledger_ = Ledger.open(config.database)
+        try:
+            broker.connect()
+            verdicts = make_reconciler(config, ledger_, broker, Clock(), access).run()
+        finally:
+            broker.close()
+            ledger_.close()
     finally:
-        broker.close()
-        ledger_.close()
+        access.release()
     for verdict in verdicts:
         click.echo(str(verdict))
     if not verdicts:
@@ -427,12 +442,14 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
     from agent.ledger.db import Ledger
     from agent.ledger.models import Transfer
     from agent.timeutil import utcnow
+    from agent.wiring import take_ledger
 
     if (txn_id is None) == (not failed):
         raise click.UsageError("give exactly one of --confirmed TXN_ID or --failed --reason TEXT")
     if failed and not reason:
         raise click.UsageError("--failed needs --reason TEXT")
     config = _config(ctx)
+    access = take_ledger(config, "resolve", required=False)
     ledger_ = Ledger.open(config.database)
     who = f"operator:{_operator()}"
     now = utcnow()
@@ -445,15 +462,22 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
                 raise Failure(f"transfer {transfer_id} is {transfer.state}: only sent or unknown transfers are "
                               "resolved by hand")
             state = transfer.state
+            live = access.live_owner(transfer.owner) if state == "sent" else None
+        if live is not None:
+            raise Failure(f"transfer {transfer_id} is sent and in flight in {live}: its reply settles it; "
+                          "resolve it by hand only once it is unknown (or that agent is stopped)")
         if state == "sent":  # an operator's word makes it unknown first, so the event log shows both steps
-            settle(ledger_, transfer_id, "unknown", now, who, detail="taken over by the operator")
+            try:
+                settle(ledger_, transfer_id, "unknown", now, who, expected="sent", detail="taken over by the operator")
+            except StateError as exc:
+                raise Failure(str(exc)) from None
         try:
             if failed:
-                done = settle(ledger_, transfer_id, "failed", now, who, resolved_by=who, detail=reason,
-                              error_code="ResolvedFailed", error_message=reason)
+                done = settle(ledger_, transfer_id, "failed", now, who, expected="unknown", resolved_by=who,
+                              detail=reason, error_code="ResolvedFailed", error_message=reason)
             else:
-                done = settle(ledger_, transfer_id, "confirmed", now, who, resolved_by=who, broker_txn_id=txn_id,
-                              detail=reason or f"operator confirmed broker txn {txn_id}")
+                done = settle(ledger_, transfer_id, "confirmed", now, who, expected="unknown", resolved_by=who,
+                              broker_txn_id=txn_id, detail=reason or f"operator confirmed broker txn {txn_id}")
         except IntegrityError:
             raise Failure(f"broker transaction {txn_id} already confirms another transfer") from None
         except StateError as exc:
@@ -463,6 +487,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
             session.commit()
     finally:
         ledger_.close()
+        access.release()
     click.echo(f"transfer {transfer_id}: {done.state} (by {who})")
 
 

@@ -22,13 +22,14 @@ from typing import Any
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from agent import logs
 from agent.broker.errors import BrokerError
 from agent.config import Config, ConfigError
+from agent.cronspec import crontab_trigger
 from agent.engine.tick import Engine, TickOutcome
+from agent.instance_lock import InstanceLock, LockHeld, new_owner_id
 from agent.ledger import queries
 from agent.ledger.db import Ledger, sqlite_path
 from agent.policy.evaluate import Decision
@@ -43,41 +44,6 @@ HEALTH_SLACK = timedelta(seconds=30)
 
 class ServiceError(Exception):
     pass
-
-
-class InstanceLock:
-    """An exclusive lock beside the ledger: a second agent on the same ledger refuses to start."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: Any = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held for the life of the service
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-            else:
-                import fcntl
-
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise ServiceError(f"another fund-agent is already running on this ledger (lock {self.path} is "
-                               "held); stop it first") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._file = handle
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 @dataclass
@@ -103,6 +69,7 @@ class Service:
         self.reported: dict[str, str] = {}  # file -> digest of the broken text already reported
         self.scheduler = BlockingScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
         self.lock: InstanceLock | None = None
+        self.owner = new_owner_id()  # replaced by the lock's owner id when the ledger is a SQLite file
         self.ledger: Ledger | None = None
         self.engine: Engine | None = None
         self.http: Any = None
@@ -117,8 +84,12 @@ class Service:
 
         path = sqlite_path(self.config.database)
         if path is not None:
-            self.lock = InstanceLock(path.with_name(path.name + ".lock"))
-            self.lock.acquire()
+            self.lock = InstanceLock(path, "run")
+            try:
+                self.lock.acquire()
+            except LockHeld as exc:
+                raise ServiceError(str(exc)) from None
+            self.owner = self.lock.owner
         self.ledger = Ledger.open(self.config.database)
         broker = make_broker(self.config)
         logs.register_secret(self.config.broker.token())
@@ -129,7 +100,12 @@ class Service:
 
             intake = IntakeStore()
             source = WithIntake(source, intake)
-        reconciler = make_reconciler(self.config, self.ledger, broker, self.clock)
+        # This process holds the lock (or the ledger has no lock file): every other owner of an in-flight row is
+        # gone, and the transfers it creates carry its owner id.
+        from agent.wiring import LedgerAccess
+
+        reconciler = make_reconciler(self.config, self.ledger, broker, self.clock,
+                                     LedgerAccess(owner=self.owner))
         self.engine = Engine(self.ledger, broker, source, self.clock, on_outcome=self._note,
                              reconciler=reconciler)
         try:
@@ -254,7 +230,7 @@ class Service:
                 job.remove()
         for account, policy in self.policies.items():
             if policy.schedule.cron:
-                trigger: Any = CronTrigger.from_crontab(policy.schedule.cron, timezone="UTC")
+                trigger: Any = crontab_trigger(policy.schedule.cron, timezone="UTC")
                 grace = 60
             else:
                 assert policy.schedule.every is not None
@@ -312,7 +288,7 @@ class Service:
     def _allowed_age(self, policy: Policy) -> timedelta:
         if policy.schedule.every is not None:
             return policy.schedule.every * 2 + HEALTH_SLACK
-        trigger = CronTrigger.from_crontab(policy.schedule.cron or "* * * * *", timezone="UTC")
+        trigger = crontab_trigger(policy.schedule.cron or "* * * * *", timezone="UTC")
         now = datetime.now().astimezone()
         first = trigger.get_next_fire_time(None, now)
         second = trigger.get_next_fire_time(first, first + timedelta(seconds=1)) if first else None

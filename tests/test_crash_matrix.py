@@ -38,6 +38,9 @@ def one_case(root: Path, point: str, direction: str, seed: int) -> dict[str, obj
         crashed = run_cli("run", "--once", cwd=workspace, env={**env, "FUND_AGENT_CRASH_AT": point})
         assert crashed.returncode == -signal.SIGKILL, crashed.stderr
         time.sleep(1.1)  # past the settle window, so that the restart can prove an absence
+        # The EA keeps writing: a reading dated after the restart's reconciliation (whole seconds; within the
+        # clock skew allowed), so that the restart may act on it.
+        write_status(workspace / "status", equity=equity_for(direction, seed), age=-4)
         restarted = run_cli("run", "--once", cwd=workspace, env=env)
         ledger = Ledger(f"sqlite:///{workspace / 'ledger.db'}")
         with ledger.session() as session:
@@ -53,7 +56,7 @@ def test_crash_matrix(tmp_path):
     cases = [(p, d, s) for p in POINTS for d in DIRECTIONS for s in SEEDS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {case: pool.submit(one_case, tmp_path / "-".join(map(str, case)), *case) for case in cases}
-    duplicates = lost = unresolved = 0
+    duplicates = lost = unresolved = held = 0
     for (point, direction, _seed), future in futures.items():
         result = future.result()
         broker_rows, ledger = result["broker"], result["ledger"]
@@ -64,6 +67,13 @@ def test_crash_matrix(tmp_path):
         unresolved += sum(1 for r in ledger if r["state"] in ("pending", "sent", "unknown"))
         case = f"{point}/{direction}"
         assert not result["bad_replies"], case
+        if (point, direction) == ("after_sent", "sweep"):
+            # Marked sent, killed before the frame left: a withdrawal debits MT5 first, so the funding statement's
+            # silence proves nothing. It stays unknown (its account halted) until an operator resolves it.
+            assert broker_rows == [] and [r["state"] for r in ledger] == ["unknown"], case
+            assert result["restart"] == 1 and "proves nothing for a withdrawal" in result["output"], case
+            held += 1
+            continue
         assert len(broker_rows) == 1, case  # at most once at the broker (and the restart did its job)
         assert sorted(linked) == [broker_rows[0]["transaction_id"]] and len(confirmed) == 1, case
         assert confirmed[0]["kind"] == direction, case
@@ -72,6 +82,6 @@ def test_crash_matrix(tmp_path):
             assert [r["state"] for r in ledger] == ["failed", "confirmed"], case
         else:  # it left: reconciliation found it in the statement
             assert [r["state"] for r in ledger] == ["confirmed"] and confirmed[0]["resolved_by"] == "reconcile", case
-    assert (duplicates, lost, unresolved) == (0, 0, 0)
+    assert (duplicates, lost, unresolved, held) == (0, 0, len(SEEDS), len(SEEDS))  # the held sweeps are unknown
     print(f"crash matrix: {len(POINTS)} points x {len(DIRECTIONS)} directions x {len(SEEDS)} seeds = "
           f"{len(cases)} cases; duplicates {duplicates}, lost {lost}, unresolved {unresolved}")

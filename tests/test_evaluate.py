@@ -179,8 +179,8 @@ def test_kill_switch_consecutive_top_ups_trips_and_blocks():
 
 
 def test_kill_switch_net_and_drawdown():
-    assert run(P, snap("450"), Usage(net_top_up=D("10000"))).action == "top_up"  # "above": 10000 is not
     assert run(P, snap("450"), Usage(net_top_up=D("10000.01"))).kill_switch
+    assert not run(P, snap("1500"), Usage(net_top_up=D("10000"))).kill_switch  # "above": 10000 is not
     d = run(P, snap("400"), Usage(peak_equity=D("1000")))  # 60% below the peak
     assert d.kill_switch and "equity_drawdown_pct" in d.kill_switch
     assert not run(P, snap("401"), Usage(peak_equity=D("1000"))).kill_switch
@@ -230,3 +230,42 @@ def test_failures_back_off_exponentially_and_never_loop_hot():
 def test_an_all_scope_halt_blocks_sweeps_too():
     d = run(P, snap("3500"), Usage(halt="operator_needed halt: PermissionDenied"))
     assert d.action == "none" and d.bound_by == "halt"
+
+
+def test_net_top_up_above_is_a_cap_not_an_after_the_fact_latch():
+    """The top-up that would cross net_top_up_above is cut to the headroom; with none left it is not sent, and
+    the kill switch trips then (not one top-up later)."""
+    d = run(P, snap("450"), Usage(net_top_up=D("9800")))  # wants 550, 200 of headroom
+    assert d.action == "top_up" and d.amount == D("200.00") and d.bound_by == "kill_switch.net_top_up_above"
+    assert not d.kill_switch
+    d = run(P, snap("450"), Usage(net_top_up=D("9995")))  # 5 of headroom is below min_amount 10
+    assert d.action == "none" and d.bound_by == "kill_switch.net_top_up_above" and d.kill_switch
+    d = run(P, snap("450"), Usage(net_top_up=D("10000")))
+    assert d.action == "none" and d.kill_switch and "no room" in d.kill_switch
+
+
+def test_consecutive_top_ups_the_one_past_the_limit_is_not_sent():
+    assert run(P, snap("450"), Usage(consecutive_top_ups=4)).action == "top_up"  # the 5th is sent
+    d = run(P, snap("450"), Usage(consecutive_top_ups=5))  # the 6th is not
+    assert d.action == "none" and d.kill_switch
+
+
+def test_a_reading_that_predates_the_last_transfer_is_not_acted_on():
+    usage = Usage(last_transfer=(7, NOW - timedelta(seconds=5)))
+    d = run(P, snap("450", age=5), usage)
+    assert d.action == "none" and d.bound_by == "reading_predates_transfer"
+    assert "waiting for a reading newer than transfer 7" in d.reason
+    assert run(P, snap("450", age=4), usage).action == "top_up"
+
+
+def test_a_reading_from_the_future_is_refused():
+    assert run(P, snap("450", age=-5)).action == "top_up"  # within the skew allowed
+    d = run(P, snap("450", age=-6))
+    assert d.action == "none" and d.bound_by == "future_reading"
+
+
+def test_unresolved_top_ups_from_the_funding_account_count_against_its_reserve():
+    d = evaluate(P, snap("450"), Usage(), NOW, funding_balance=D("1600"), funding_in_flight=D("550"))
+    assert d.action == "top_up" and d.amount == D("50.00") and d.bound_by == "limits.funding_reserve"
+    d = evaluate(P, snap("450"), Usage(), NOW, funding_balance=D("1600"), funding_in_flight=D("600"))
+    assert d.action == "none" and d.bound_by == "limits.funding_reserve"

@@ -28,7 +28,7 @@ def test_plan_says_what_it_would_do_and_sends_nothing(workspace, fake):
 def test_plan_leaves_an_existing_ledger_byte_for_byte(workspace, fake):
     write_status(workspace / "status", equity="450.00")
     assert run_cli("run", "--once", cwd=workspace, env={"DERIV_API_TOKEN": TOKEN}).returncode == 0
-    write_status(workspace / "status", equity="300.00")
+    write_status(workspace / "status", equity="450.00", age=-1)  # written after the top-up (whole seconds)
     before = digest(workspace / "ledger.db")
     result = run_cli("plan", "--format", "json", cwd=workspace, env={"DERIV_API_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr

@@ -1,14 +1,18 @@
 """One persistent, authorized WebSocket connection to the Deriv API v3 (websocket-client).
 
-- every request gets an integer req_id unique on its connection and is validated against Deriv's send schema;
+- every request gets an integer req_id unique in this process (never reused across connections or clients, so a
+  late reply can only ever match its own request) and is validated against Deriv's send schema;
 - a reader thread matches replies by req_id and fails every waiting request when the socket closes;
 - every reply is checked against the receive schema before it is believed;
 - `ping` keeps the connection alive; a lost connection is re-opened with backoff and re-authorized on the
-  next call (never silently: a request in flight when it dropped ends as LostReply).
+  next call (never silently: a request in flight when it dropped ends as LostReply);
+- every error raised before a request's frame is handed to the socket (connect, authorize, schema, send) carries
+  `before_send=True`, the client's proof that nothing moved, whatever its code.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -29,6 +33,15 @@ log = logging.getLogger("agent.broker")
 
 TRANSFER_SCOPES = ("payments",)
 READ_SCOPES = ("read",)
+
+# req_ids come from one counter for the whole process: never reset on a reconnect, never shared by two clients
+_REQ_IDS = itertools.count(1)
+_REQ_IDS_LOCK = threading.Lock()
+
+
+def _next_req_id() -> int:
+    with _REQ_IDS_LOCK:
+        return next(_REQ_IDS)
 
 
 @dataclass(frozen=True)
@@ -68,9 +81,8 @@ class DerivClient:
         self._ws: websocket.WebSocket | None = None
         self._send_lock = threading.Lock()
         self._connect_lock = threading.Lock()  # one connect at a time
-        self._lock = threading.Lock()  # short sections: the socket, the waiters, the ids
+        self._lock = threading.Lock()  # short sections: the socket, the waiters
         self._waiters: dict[int, _Waiter] = {}
-        self._next_id = 0
         self._reader: threading.Thread | None = None
         self._pinger: threading.Thread | None = None
         self._closing = threading.Event()
@@ -122,7 +134,6 @@ class DerivClient:
             raise NotSent(f"cannot connect to the broker: {type(exc).__name__}: {exc}") from None
         ws.settimeout(None)  # the reader blocks; per-request deadlines are kept by the waiters
         self._ws = ws
-        self._next_id = 0
         self._closing.clear()
         self._reader = threading.Thread(target=self._read_loop, args=(ws,), name="deriv-reader", daemon=True)
         self._reader.start()
@@ -178,7 +189,9 @@ class DerivClient:
                     break
                 if opcode != websocket.ABNF.OPCODE_TEXT:
                     continue
-                self._dispatch(data)
+                if self._ws is not ws:
+                    break  # this socket was dropped: nothing it still carries may answer a request
+                self._dispatch(ws, data)
         except Exception as exc:  # noqa: BLE001 - any end of the socket ends this connection
             why = f"connection lost: {type(exc).__name__}"
         if self._ws is ws:
@@ -187,7 +200,7 @@ class DerivClient:
                 self.reconnects += 1
             self._drop(why)
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self, ws: websocket.WebSocket, data: bytes) -> None:
         try:
             reply = money.loads(data)
         except ValueError:
@@ -198,6 +211,9 @@ class DerivClient:
             return
         req_id = reply.get("req_id")
         with self._lock:
+            if self._ws is not ws:
+                log.warning("reply with req_id %r on a dropped connection; ignored", req_id)
+                return
             waiter = self._waiters.pop(req_id, None) if isinstance(req_id, int) else None
         if waiter is None:
             log.warning("reply with req_id %r matches no waiting request (late or unsolicited); ignored", req_id)
@@ -221,11 +237,21 @@ class DerivClient:
     # ---- requests ----
 
     def call(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one request on the authorized connection and return its checked reply."""
+        """Send one request on the authorized connection and return its checked reply.
+
+        Any error raised before the request's frame is handed to the socket has `before_send` set, keeping its
+        code (an InvalidToken or MissingScope still needs an operator): the request cannot have been executed.
+        """
         call = schemas.call_of(request)
         if call is None:
             raise NotSent("request names no known API call")
-        self.connect()
+        try:
+            self.connect()
+        except BrokerError as exc:
+            # connecting or (re-)authorizing failed: even a Timeout or a lost authorize reply is about the
+            # authorize request, this one never left
+            exc.before_send = True
+            raise
         return self._request(request, call, timeout if timeout is not None else self.timeout)
 
     def _request(self, request: dict[str, Any], call: str, timeout: float) -> dict[str, Any]:
@@ -233,8 +259,7 @@ class DerivClient:
             ws = self._ws
             if ws is None:
                 raise NotSent("not connected to the broker")
-            self._next_id += 1
-            req_id = self._next_id
+            req_id = _next_req_id()
             waiter = _Waiter(threading.Event())
             self._waiters[req_id] = waiter
         message = {**request, "req_id": req_id}
@@ -283,7 +308,9 @@ class DerivClient:
 
     def balance(self, loginid: str | None = None) -> tuple[Decimal, str]:
         request: dict[str, Any] = {"balance": 1}
-        if loginid and self.session and loginid != self.session.loginid:
+        if loginid:
+            # always named: right after a reconnect the session is not known yet when the request is built,
+            # and without `account` Deriv answers for the token's default account
             request["account"] = loginid
         body = self.call(request).get("balance")
         if not isinstance(body, dict) or not isinstance(body.get("balance"), (int, Decimal)):
@@ -316,8 +343,8 @@ class DerivClient:
                                    "limit": limit, "offset": offset}
         if action_type:
             request["action_type"] = action_type
-        if loginid and self.session and loginid != self.session.loginid:
-            request["loginid"] = loginid
+        if loginid:
+            request["loginid"] = loginid  # always named, as in balance(): never the token's default by accident
         body = self.call(request).get("statement") or {}
         rows = body.get("transactions")
         if not isinstance(rows, list):

@@ -18,17 +18,23 @@ NEEDS_OPERATOR = frozenset({"InvalidToken", "PermissionDenied", "InvalidAppID", 
 
 
 class BrokerError(Exception):
-    """An error from, or on the way to, the broker. `code` is the broker's code verbatim or the agent's own."""
+    """An error from, or on the way to, the broker. `code` is the broker's code verbatim or the agent's own.
 
-    def __init__(self, code: str, message: str) -> None:
+    `before_send` is the client's own proof that the request's frame was never handed to the socket (the
+    connection or its authorization failed first, or the request failed its schema): whatever the code says,
+    the broker cannot have executed it.
+    """
+
+    def __init__(self, code: str, message: str, *, before_send: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.before_send = before_send
 
     @property
     def nothing_moved(self) -> bool:
         """True only when the error proves the broker did not execute the request."""
-        return self.code in NOTHING_MOVED
+        return self.before_send or self.code in NOTHING_MOVED
 
     @property
     def needs_operator(self) -> bool:
@@ -39,7 +45,7 @@ class NotSent(BrokerError):
     """The request never left: not connected, or the send itself failed. Nothing moved."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("NotSent", message)
+        super().__init__("NotSent", message, before_send=True)
 
 
 class LostReply(BrokerError):

@@ -51,7 +51,9 @@ class Fault:
     mode: error (reply `code`, apply nothing) | error_after_apply (apply, then reply `code`) |
     drop_after_apply (apply, close with no reply) | drop_before_apply (close, apply nothing) |
     delay_reply (apply now, reply after `delay` s) | late_apply (reply nothing now, apply after `delay` s) |
-    malformed (apply, reply a body that fails the receive schema)
+    malformed (apply, reply a body that fails the receive schema) |
+    late_leg (apply the first leg now and reply success; the second leg lands `delay` s later: a deposit's MT5
+    credit, or a withdrawal's funding credit with its statement row) | late_leg_error (the same, replying `code`)
     """
 
     call: str
@@ -90,6 +92,8 @@ class FakeDeriv:
         self._stop: asyncio.Event | None = None
         self._connections: set[ServerConnection] = set()
         self.port = 0
+        self._late_leg_delay = 0.0  # set while a late_leg fault's transfer is applied
+        self._later: list[tuple[float, Any]] = []  # second legs to land later: (delay s, apply)
 
     # ---- set-up ----
 
@@ -243,7 +247,23 @@ class FakeDeriv:
                 self._dispatch(call, request, session)
             asyncio.get_running_loop().create_task(apply_later())
             return
-        body = self._dispatch(call, request, session)
+        if fault is not None and fault.mode in ("late_leg", "late_leg_error"):
+            self._late_leg_delay = fault.delay
+        try:
+            body = self._dispatch(call, request, session)
+        finally:
+            self._late_leg_delay = 0.0
+        for delay, leg in self._take_later():
+            async def land_later(delay: float = delay, leg: Any = leg) -> None:
+                await asyncio.sleep(delay)
+                with self.lock:
+                    leg()
+            asyncio.get_running_loop().create_task(land_later())
+        if fault is not None and fault.mode == "late_leg_error":
+            body = {"error": {"code": fault.code, "message": "Injected fault: the second leg is late."}}
+            fault = None
+        if fault is not None and fault.mode == "late_leg":
+            fault = None
         if fault is not None:
             if fault.mode == "drop_after_apply":
                 await conn.close(1011, "fault")
@@ -424,22 +444,40 @@ class FakeDeriv:
         if source.balance < value:
             return _err("NoMoney" if deposit else error_code, "Your account balance is insufficient for this "
                                                                "transaction.")
-        source.balance -= value
-        target.balance += value
         self.state.transfers_by_day[key] = self.state.transfers_by_day.get(key, 0) + 1
         self.state.next_txn_id += 1
         txn = self.state.next_txn_id
         digits = "".join(ch for ch in mt5.loginid if ch.isdigit())
-        self.state.statement.setdefault(binary.loginid, []).append({
-            "action_type": "transfer", "amount": -value if deposit else value,
-            "balance_after": binary.balance, "transaction_id": txn,
-            "transaction_time": int(self._now().timestamp()), "app_id": session["app_id"],
-            "from": {"loginid": binary.loginid if deposit else mt5.loginid},
-            "to": {"loginid": mt5.loginid if deposit else binary.loginid},
-            "longcode": f"Transfer {'to' if deposit else 'from'} MT5 account {digits}",
-            "reference_id": None, "contract_id": None, "payout": None, "shortcode": None,
-        })
+        app_id = session["app_id"]
+
+        def binary_leg() -> None:  # the funding account's side, with its statement row
+            binary.balance += -value if deposit else value
+            self.state.statement.setdefault(binary.loginid, []).append({
+                "action_type": "transfer", "amount": -value if deposit else value,
+                "balance_after": binary.balance, "transaction_id": txn,
+                "transaction_time": int(self._now().timestamp()), "app_id": app_id,
+                "from": {"loginid": binary.loginid if deposit else mt5.loginid},
+                "to": {"loginid": mt5.loginid if deposit else binary.loginid},
+                "longcode": f"Transfer {'to' if deposit else 'from'} MT5 account {digits}",
+                "reference_id": None, "contract_id": None, "payout": None, "shortcode": None,
+            })
+
+        def mt5_leg() -> None:
+            mt5.balance += value if deposit else -value
+
+        # Deriv moves the source side first: the funding debit for a deposit, the MT5 debit for a withdrawal.
+        first, second = (binary_leg, mt5_leg) if deposit else (mt5_leg, binary_leg)
+        first()
+        if self._late_leg_delay > 0:
+            self._later.append((self._late_leg_delay, second))
+        else:
+            second()
         return {call: 1, "binary_transaction_id": txn}
+
+    def _take_later(self) -> list[tuple[float, Any]]:
+        with self.lock:
+            later, self._later = self._later, []
+        return later
 
 
 def _err(code: str, message: str) -> dict[str, Any]:

@@ -1,27 +1,34 @@
 """Resolve `pending`, `sent` and `unknown` transfers from the broker's statement.
 
 Deriv's transfer calls have no idempotency key, so the statement is the only proof of what happened:
-- pending: the agent stopped before marking it sent, so nothing left this process -> failed;
-- one statement row that matches (our app_id, exact amount and sign, to/from loginids, longcode digits, a time
-  window around the attempt, a transaction id not linked to another row) -> confirmed;
-- no match once the settle window has passed, and the funding balance agrees with its statement -> failed;
+- a `pending` or `sent` transfer whose owner (the process that made it) is alive is in flight: left to it;
+- pending, owner gone: it stopped before marking it sent, so nothing left that process -> failed;
+- one statement row that matches (our app_id, or none recorded; exact amount and sign, to/from loginids,
+  longcode digits, a time window around the attempt, a transaction id not linked to another row) -> confirmed;
+- a deposit (its first leg is the funding account's debit) with no match once the settle window has passed, and
+  a funding balance that agrees with its statement -> failed;
+- a withdrawal debits MT5 first and credits the funding account later: a missing funding row proves nothing,
+  so it stays unknown until the row appears or an operator resolves it;
 - anything else stays unknown, and the account is halted with the reason, until `reconcile` or `resolve`.
+Every change is a compare-and-set: a transfer that someone else settled meanwhile is left as they settled it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from agent import money
-from agent.broker.deriv import DerivClient
+from agent.broker.base import Broker
 from agent.broker.errors import BrokerError
-from agent.engine.transfers import settle
+from agent.engine.transfers import StateError, in_flight_here, settle
 from agent.equity.base import login_digits
 from agent.ledger import queries
 from agent.ledger.db import Ledger
@@ -50,9 +57,11 @@ class Verdict:
 
 
 def matches(row: dict[str, Any], t: Transfer, app_id: int) -> bool:
+    """The row could be this transfer. A row with no app_id recorded is a candidate too (Deriv leaves it null on
+    some rows); one with another app's id is not ours."""
     amount = money.from_minor(t.amount_minor, t.currency)
     signed = -amount if t.kind == "top_up" else amount
-    if row.get("action_type") != "transfer" or row.get("app_id") != app_id:
+    if row.get("action_type") != "transfer" or row.get("app_id") not in (app_id, None):
         return False
     if not isinstance(row.get("amount"), (int, Decimal)) or Decimal(row["amount"]) != signed:
         return False
@@ -68,35 +77,72 @@ def matches(row: dict[str, Any], t: Transfer, app_id: int) -> bool:
     return isinstance(row.get("transaction_id"), int)
 
 
+# Given a transfer's owner, says who holds it in flight ("fund-agent pid 1234 (run) on vps1"), or None when that
+# owner is gone. The wiring builds it from the instance lock: a process that holds the lock knows every other
+# owner is gone; one that does not knows the holder is alive.
+LiveOwner = Callable[[str | None], str | None]
+
+
 class Reconciler:
-    def __init__(self, ledger: Ledger, broker: DerivClient, clock: Clock,
-                 settle_window: timedelta = timedelta(minutes=2)) -> None:
+    def __init__(self, ledger: Ledger, broker: Broker, clock: Clock,
+                 settle_window: timedelta = timedelta(minutes=2), *, owner: str | None = None,
+                 live_owner: LiveOwner | None = None) -> None:
         self.ledger = ledger
         self.broker = broker
         self.clock = clock
         self.settle_window = settle_window
+        self.owner = owner  # this process's owner id: the transfers it creates carry it
+        self.live_owner = live_owner
 
     def run(self, account: str | None = None) -> list[Verdict]:
         with self.ledger.reader() as session:
             open_rows = queries.unresolved(session, account)
         return [self.resolve_one(t) for t in open_rows]
 
+    def held_by(self, t: Transfer) -> str | None:
+        """Who holds this pending/sent transfer in flight, or None when nobody does (its owner is gone)."""
+        if t.state not in ("pending", "sent"):
+            return None
+        if in_flight_here(t.id):
+            return "this process"
+        if t.owner is not None and t.owner == self.owner:
+            return None  # ours, and not in flight here: left behind by an error in this process
+        return self.live_owner(t.owner) if self.live_owner is not None else None
+
     def resolve_one(self, t: Transfer) -> Verdict:
+        holder = self.held_by(t)
+        if holder is not None:
+            return Verdict(t.id, t.account, t.state, t.state, None, f"in flight in {holder}: left to it")
+        try:
+            return self._resolve(t)
+        except StateError as exc:
+            with self.ledger.reader() as session:
+                current = session.get(Transfer, t.id)
+            after = current.state if current is not None else t.state
+            return Verdict(t.id, t.account, t.state, after, None, f"settled by someone else meanwhile ({exc})")
+
+    def _resolve(self, t: Transfer) -> Verdict:
         now = self.clock.now()
         if t.state == "pending":
-            settle(self.ledger, t.id, "failed", now, "reconcile", error_code="NotSent",
+            settle(self.ledger, t.id, "failed", now, "reconcile", expected="pending", error_code="NotSent",
                    error_message="the agent stopped after recording the intent and before sending it")
             return Verdict(t.id, t.account, "pending", "failed", None, "never sent: the agent stopped before sending")
         try:
             candidates = self._candidates(t, now)
         except BrokerError as exc:
             return self._keep(t, f"cannot read the broker's statement: {exc.code}", halt=False)
-        if len(candidates) == 1:
-            txn = int(candidates[0]["transaction_id"])
-            settle(self.ledger, t.id, "confirmed", now, "reconcile", broker_txn_id=txn, resolved_by="reconcile",
-                   detail=f"statement row {txn} matches")
+        ours = [c for c in candidates if c.get("app_id") == self.broker.app_id]
+        chosen = ours if len(ours) == 1 else candidates
+        if len(chosen) == 1:
+            txn = int(chosen[0]["transaction_id"])
+            how = "" if chosen[0].get("app_id") is not None else " (the row records no app_id)"
+            try:
+                settle(self.ledger, t.id, "confirmed", now, "reconcile", expected=t.state, broker_txn_id=txn,
+                       resolved_by="reconcile", detail=f"statement row {txn} matches{how}")
+            except IntegrityError:
+                return self._keep(t, f"statement row {txn} matches, but another transfer links it now", halt=True)
             self._clear_unresolved_halts(t.account, now)
-            return Verdict(t.id, t.account, t.state, "confirmed", txn, "found in the broker's statement")
+            return Verdict(t.id, t.account, t.state, "confirmed", txn, f"found in the broker's statement{how}")
         if len(candidates) > 1:
             ids = ", ".join(str(c["transaction_id"]) for c in candidates)
             return self._keep(t, f"several broker transfers match ({ids}); settle it with `fund-agent resolve`",
@@ -105,10 +151,14 @@ class Reconciler:
         if now - sent_at < self.settle_window:
             return self._keep(t, f"not in the statement yet; waiting until {iso(sent_at + self.settle_window)}",
                               halt=False)
+        if t.kind == "sweep":
+            return self._keep(t, "the funding account shows no credit, which proves nothing for a withdrawal (MT5 "
+                              "is debited first, the funding credit may come later); it stays unknown until the "
+                              f"credit appears, or settle it with `fund-agent resolve {t.id}`", halt=True)
         consistent, why = self._funding_consistent(t)
         if not consistent:
             return self._keep(t, f"not in the statement, but {why}", halt=True)
-        settle(self.ledger, t.id, "failed", now, "reconcile", resolved_by="reconcile",
+        settle(self.ledger, t.id, "failed", now, "reconcile", expected=t.state, resolved_by="reconcile",
                error_code=t.error_code or "NotExecuted",
                error_message=(t.error_message + "; " if t.error_message else "")
                + "absent from the broker's statement after the settle window")
@@ -155,7 +205,7 @@ class Reconciler:
     def _keep(self, t: Transfer, reason: str, halt: bool) -> Verdict:
         now = self.clock.now()
         if t.state == "sent" and halt:
-            settle(self.ledger, t.id, "unknown", now, "reconcile", detail=reason)
+            settle(self.ledger, t.id, "unknown", now, "reconcile", expected="sent", detail=reason)
         if halt:
             with self.ledger.session() as session:
                 already = any(h.kind == "unresolved" for h in queries.active_halts(session, t.account))

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from agent import money
-from agent.broker.deriv import DerivClient
+from agent.broker.base import Broker
 from agent.broker.errors import NEEDS_OPERATOR, BrokerError, LostReply, NotSent
 from agent.engine import transfers
+from agent.engine.lanes import Lanes
 from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource, NoReading, Snapshot
 from agent.ledger import queries
@@ -26,6 +27,10 @@ from agent.timeutil import Clock
 log = logging.getLogger("agent.engine")
 
 STATUS_TTL = 3600.0  # website_status limits change rarely: re-read hourly
+# Decisions whose reading must not move the recorded equity peak: no usable reading, or one that may or may not
+# show a transfer (an unresolved one, or one it predates).
+NOT_A_PEAK = frozenset({"stale", "no_reading", "currency", "future_reading", "reading_predates_transfer",
+                        "unresolved"})
 
 
 @dataclass
@@ -37,7 +42,8 @@ class TickOutcome:
 
     @property
     def had_reading(self) -> bool:
-        return self.snapshot is not None and self.decision.bound_by not in ("stale", "no_reading", "currency")
+        return self.snapshot is not None and self.decision.bound_by not in (
+            "stale", "no_reading", "currency", "future_reading", "reading_predates_transfer")
 
     @property
     def ok(self) -> bool:
@@ -48,10 +54,13 @@ class TickOutcome:
 
 
 class Engine:
-    def __init__(self, ledger: Ledger | None, broker: DerivClient | None, source: EquitySource, clock: Clock,
+    def __init__(self, ledger: Ledger | None, broker: Broker | None, source: EquitySource, clock: Clock,
                  on_outcome: Callable[[TickOutcome], None] | None = None,
-                 reconciler: Reconciler | None = None) -> None:
+                 reconciler: Reconciler | None = None, owner: str | None = None,
+                 lanes: Lanes | None = None) -> None:
         self.reconciler = reconciler
+        self.owner = owner or (reconciler.owner if reconciler is not None else None)
+        self.lanes = lanes or Lanes()
         self.ledger = ledger
         self.broker = broker
         self.source = source
@@ -103,23 +112,39 @@ class Engine:
 
     def tick(self, policy: Policy, execute: bool = True) -> TickOutcome:
         """execute=False is `plan`: the same reads and decision, no writes, nothing sent."""
-        now = self.clock.now()
         snapshot: Snapshot | None = None
         no_reading = None
         try:
             snapshot = self.source.read(policy.mt5, policy.schedule.max_equity_age.total_seconds())
         except NoReading as exc:
             no_reading = str(exc)
+        if self.ledger is not None and execute and self.reconciler is not None:
+            with self.ledger.reader() as session:
+                open_rows = bool(queries.unresolved(session, policy.mt5))
+            if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
+                for verdict in self.reconciler.run(policy.mt5):
+                    log.warning("%s", verdict)
+        # From reading the ledger and the funding balance to committing the intent, accounts paid by the same
+        # funding account go one at a time: the next one sees this one's intent as money already spent.
+        with self.lanes.hold(policy.funding):
+            now = self.clock.now()
+            outcome, transfer = self._decide(policy, snapshot, no_reading, now, execute)
+        if transfer is not None:
+            self._execute(policy, outcome, transfer)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
+
+    def _decide(self, policy: Policy, snapshot: Snapshot | None, no_reading: str | None, now: datetime,
+                execute: bool) -> tuple[TickOutcome, Transfer | None]:
         usage = queries.Usage()
+        in_flight = Decimal(0)
+        unresolved_anywhere = 0
         if self.ledger is not None:
-            if execute and self.reconciler is not None:
-                with self.ledger.reader() as session:
-                    open_rows = bool(queries.unresolved(session, policy.mt5))
-                if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
-                    for verdict in self.reconciler.run(policy.mt5):
-                        log.warning("%s", verdict)
             with self.ledger.reader() as session:
                 usage = queries.usage(session, policy.mt5, now)
+                in_flight, _count, _currency = queries.funding_in_flight(session, policy.funding)
+                unresolved_anywhere = queries.unresolved_count(session)
         funding_balance = None
         limits = BrokerLimits()
         broker_error = None
@@ -127,6 +152,9 @@ class Engine:
                 and not usage.unresolved:
             try:
                 limits = self.broker_limits(policy.currency)
+                if limits.daily_available is not None and unresolved_anywhere:
+                    # an unresolved transfer may already count at the broker, or may still: count it as used
+                    limits = replace(limits, daily_available=limits.daily_available - unresolved_anywhere)
                 balance, currency = self.broker.balance(policy.funding)
                 if currency == policy.currency:
                     funding_balance = balance
@@ -135,18 +163,18 @@ class Engine:
             except BrokerError as exc:
                 broker_error = f"broker error reading limits and balance: {exc.code}: {exc.message}"
         decision = evaluate(policy, snapshot, usage, now, no_reading=no_reading, funding_balance=funding_balance,
-                            broker=limits)
+                            funding_in_flight=in_flight, broker=limits)
         if broker_error and decision.transfers:
             decision = Decision("none", None, broker_error, bound_by="broker", details=decision.details)
         outcome = TickOutcome(policy, decision, snapshot)
+        transfer = None
         if execute and self.ledger is not None:
-            self._record_and_execute(policy, snapshot, outcome, now)
-        if self.on_outcome is not None:
-            self.on_outcome(outcome)
-        return outcome
+            transfer = self._record(policy, snapshot, outcome, now)
+        return outcome, transfer
 
-    def _record_and_execute(self, policy: Policy, snapshot: Snapshot | None, outcome: TickOutcome,
-                            now: datetime) -> None:
+    def _record(self, policy: Policy, snapshot: Snapshot | None, outcome: TickOutcome,
+                now: datetime) -> Transfer | None:
+        """Commit the intent (if any), the decision, the equity peak and a kill-switch halt."""
         assert self.ledger is not None
         decision = outcome.decision
         equity = snapshot.equity if snapshot is not None else None
@@ -158,7 +186,7 @@ class Engine:
                 transfer = transfers.create_intent(
                     self.ledger, at=now, account=policy.mt5, funding=policy.funding, kind=decision.action,
                     amount=decision.amount, currency=policy.currency, policy=policy.name,
-                    policy_sha256=policy.sha256, equity=equity, reason=decision.reason)
+                    policy_sha256=policy.sha256, equity=equity, reason=decision.reason, owner=self.owner)
             except transfers.AccountBusy as exc:
                 decision = Decision("none", None, f"blocked: {exc}", bound_by="unresolved",
                                     details=decision.details)
@@ -166,11 +194,15 @@ class Engine:
         with self.ledger.session() as session:
             queries.record_decision(session, now, policy.mt5, policy.name, policy.sha256, decision,
                                     policy.currency, equity, age, transfer_id=transfer.id if transfer else None)
-            if snapshot is not None and outcome.had_reading:
+            if snapshot is not None and decision.bound_by not in NOT_A_PEAK:
                 queries.note_equity(session, policy.mt5, snapshot.equity, now)
             if decision.kill_switch:
                 queries.add_halt(session, policy.mt5, "kill_switch", decision.kill_switch, now, "agent")
             session.commit()
+        return transfer
+
+    def _execute(self, policy: Policy, outcome: TickOutcome, transfer: Transfer) -> None:
+        assert self.ledger is not None
         if transfer is not None:
             assert self.broker is not None
             done = transfers.execute(self.ledger, self.broker, transfer, self.clock)

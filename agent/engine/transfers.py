@@ -1,23 +1,30 @@
-"""The transfer state machine: pending (intent committed) -> sent -> confirmed | failed | unknown.
+"""The transfer aggregate: pending (intent committed) -> sent -> confirmed | failed | unknown.
 
-The intent row is committed before a byte goes to the broker; `sent` is committed just before sending.
-An outcome the broker may have executed is never `failed`: it is `unknown` and is never resent.
+Every state change is a compare-and-set (`UPDATE ... WHERE id = :id AND state = :expected`, rowcount checked)
+in the transaction that appends its event: a transition that finds another state is refused and logged, never
+overwrites. The intent row is committed before a byte goes to the broker; `sent` is committed just before
+sending, and only by the process that owns the row. An outcome the broker may have executed is never `failed`:
+it is `unknown` and is never resent.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from agent import money
-from agent.broker.deriv import DerivClient
+from agent.broker.base import Broker
 from agent.broker.errors import BrokerError
 from agent.crash import crash_point
 from agent.ledger.db import Ledger
-from agent.ledger.models import Transfer
+from agent.ledger.models import EquityPeak, FundingAccount, Halt, Transfer
 from agent.ledger.queries import add_event
 from agent.timeutil import Clock
 
@@ -31,86 +38,186 @@ ALLOWED = {
 
 
 class StateError(Exception):
-    pass
+    """A transition that the aggregate refuses: not allowed from the state the row is in now."""
 
 
 class AccountBusy(Exception):
-    """The database refused a second unresolved transfer for the account."""
+    """The database refused a second unresolved transfer for the account, or a halt came first."""
 
 
-def transition(transfer: Transfer, to: str, at: datetime) -> None:
-    if to not in ALLOWED.get(transfer.state, set()):
-        raise StateError(f"transfer {transfer.id}: {transfer.state} -> {to} is not allowed")
-    transfer.state = to
-    transfer.updated_at = at
+# Transfers whose broker call is running in this process right now: nobody in this process settles them.
+_in_flight: set[int] = set()
+_in_flight_lock = threading.Lock()
+
+
+def in_flight_here(transfer_id: int) -> bool:
+    with _in_flight_lock:
+        return transfer_id in _in_flight
 
 
 def create_intent(ledger: Ledger, *, at: datetime, account: str, funding: str, kind: str, amount: Decimal,
-                  currency: str, policy: str, policy_sha256: str, equity: Decimal, reason: str) -> Transfer:
-    """Write and commit the intent (state pending). Raises AccountBusy if one is already unresolved."""
+                  currency: str, policy: str, policy_sha256: str, equity: Decimal, reason: str,
+                  owner: str | None = None) -> Transfer:
+    """Write and commit the intent (state pending). Raises AccountBusy if the account already has an unresolved
+    transfer or was halted since the decision was made (the halt and the intent are serialized by the write
+    lock: an operator's halt is never overtaken by a decision that read the ledger before it)."""
     with ledger.session() as session:
+        scopes = ("all", kind) if kind == "sweep" else ("all", "top_up")
+        halted = session.scalars(select(Halt).where(Halt.account == account, Halt.cleared_at.is_(None),
+                                                    Halt.scope.in_(scopes)).limit(1)).first()
+        if halted is not None:
+            raise AccountBusy(f"{account} was halted before the intent was written ({halted.kind}: "
+                              f"{halted.reason})")
         transfer = Transfer(created_at=at, updated_at=at, account=account, funding=funding, kind=kind,
                             amount_minor=money.to_minor(amount, currency), currency=currency, state="pending",
-                            policy=policy, policy_sha256=policy_sha256, equity=str(equity), reason=reason)
+                            policy=policy, policy_sha256=policy_sha256, equity=str(equity), reason=reason,
+                            owner=owner)
         session.add(transfer)
         try:
             session.flush()
         except IntegrityError:
             session.rollback()
             raise AccountBusy(f"{account} already has an unresolved transfer") from None
+        _touch_funding(session, funding, currency, at)
         add_event(session, transfer, at, "agent", reason)
         session.commit()
     crash_point("after_intent")
     return transfer
 
 
-def settle(ledger: Ledger, transfer_id: int, to: str, at: datetime, actor: str, *, detail: str | None = None,
+def _touch_funding(session: Session, funding: str, currency: str, at: datetime) -> None:
+    row = session.get(FundingAccount, funding)
+    if row is None:
+        session.add(FundingAccount(login=funding, currency=currency, first_seen_at=at, last_intent_at=at))
+    else:
+        row.last_intent_at = at
+
+
+def settle(ledger: Ledger, transfer_id: int, to: str, at: datetime, actor: str, *,
+           expected: str | tuple[str, ...] | None = None, detail: str | None = None,
            broker_txn_id: int | None = None, error_code: str | None = None, error_message: str | None = None,
            resolved_by: str | None = None) -> Transfer:
-    """Move a transfer to its next state and append the event, in one transaction."""
+    """Compare-and-set the transfer from `expected` (a state or several; default: any state that may move to
+    `to`) to `to`, and append its event, in one transaction. Raises StateError when the row is in another state
+    (someone else settled it first): nothing is overwritten."""
+    allowed_from = tuple(state for state, targets in ALLOWED.items() if to in targets)
+    if expected is None:
+        expected = allowed_from
+    elif isinstance(expected, str):
+        expected = (expected,)
+    bad = [state for state in expected if state not in allowed_from]
+    if bad:
+        raise StateError(f"transfer {transfer_id}: {bad[0]} -> {to} is not allowed")
+    values: dict[str, Any] = {"state": to, "updated_at": at}
+    if to == "sent":
+        values["sent_at"] = at
+    if broker_txn_id is not None:
+        values["broker_txn_id"] = broker_txn_id
+    if error_code is not None:
+        values["error_code"] = error_code
+        values["error_message"] = error_message
+    elif to == "confirmed":
+        values["error_code"] = None
+        values["error_message"] = None
+    if resolved_by is not None:
+        values["resolved_by"] = resolved_by
     with ledger.session() as session:
-        transfer = session.get(Transfer, transfer_id)
-        if transfer is None:
-            raise StateError(f"no transfer {transfer_id}")
-        transition(transfer, to, at)
-        if to == "sent":
-            transfer.sent_at = at
-        if broker_txn_id is not None:
-            transfer.broker_txn_id = broker_txn_id
-        if error_code is not None:
-            transfer.error_code = error_code
-            transfer.error_message = error_message
-        elif to == "confirmed":
-            transfer.error_code = None
-            transfer.error_message = None
-        if resolved_by is not None:
-            transfer.resolved_by = resolved_by
+        result = session.execute(update(Transfer).where(Transfer.id == transfer_id, Transfer.state.in_(expected))
+                                 .values(**values).execution_options(synchronize_session=False))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            current = session.get(Transfer, transfer_id)
+            if current is None:
+                raise StateError(f"no transfer {transfer_id}")
+            message = (f"transfer {transfer_id}: {actor} wanted {'|'.join(expected)} -> {to}, but it is "
+                       f"{current.state} now: refused")
+            log.warning("%s", message)
+            raise StateError(message)
+        transfer = session.get(Transfer, transfer_id, populate_existing=True)
+        assert transfer is not None
         add_event(session, transfer, at, actor, detail)
+        if to == "confirmed":
+            _shift_peak(session, transfer)
         session.commit()
         return transfer
 
 
-def execute(ledger: Ledger, broker: DerivClient, transfer: Transfer, clock: Clock) -> Transfer:
-    """Send one pending transfer and record what is proven about its outcome."""
-    settle(ledger, transfer.id, "sent", clock.now(), "agent")
-    crash_point("after_sent")
+def _shift_peak(session: Session, t: Transfer) -> None:
+    """The drawdown kill switch measures trading results, not the agent's own transfers: a sweep lowers the
+    recorded peak by its amount, a top-up raises it by its amount (a top-up is not a gain)."""
+    peak = session.get(EquityPeak, t.account)
+    if peak is None:
+        return
+    amount = money.from_minor(t.amount_minor, t.currency)
+    peak.peak = str(Decimal(peak.peak) + (amount if t.kind == "top_up" else -amount))
+
+
+def _send(broker: Broker, transfer: Transfer) -> int:
     amount = money.from_minor(transfer.amount_minor, transfer.currency)
+    if transfer.kind == "top_up":
+        return broker.mt5_deposit(transfer.funding, transfer.account, amount)
+    return broker.mt5_withdrawal(transfer.account, transfer.funding, amount)
+
+
+def execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock) -> Transfer:
+    """Send one pending transfer that this process owns, and record what is proven about its outcome."""
+    with _in_flight_lock:
+        _in_flight.add(transfer.id)
     try:
-        if transfer.kind == "top_up":
-            txn = broker.mt5_deposit(transfer.funding, transfer.account, amount)
-        else:
-            txn = broker.mt5_withdrawal(transfer.account, transfer.funding, amount)
+        return _execute(ledger, broker, transfer, clock)
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(transfer.id)
+
+
+def _execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock) -> Transfer:
+    try:
+        settle(ledger, transfer.id, "sent", clock.now(), "agent", expected="pending")
+    except StateError:
+        # Someone settled the intent before it was sent (it cannot have moved money): never send it now.
+        with ledger.reader() as session:
+            current = session.get(Transfer, transfer.id)
+        assert current is not None
+        return current
+    crash_point("after_sent")
+    try:
+        txn = _send(broker, transfer)
     except BrokerError as exc:
         crash_point("after_reply")
         state = "failed" if exc.nothing_moved else "unknown"
         log.warning("transfer %s %s: %s", transfer.id, state, exc.code)
-        return settle(ledger, transfer.id, state, clock.now(), "agent", error_code=exc.code,
-                      error_message=exc.message)
+        return _record(ledger, transfer, state, clock, error_code=exc.code, error_message=exc.message)
+    except BaseException as exc:
+        # A bug or an interrupt after the frame may have left: the outcome is unknown, never lost as `sent`.
+        _record(ledger, transfer, "unknown", clock, error_code="AgentError",
+                error_message=f"the agent failed while waiting for the reply: {type(exc).__name__}")
+        raise
     crash_point("after_reply")
     try:
-        return settle(ledger, transfer.id, "confirmed", clock.now(), "agent", broker_txn_id=txn,
-                      detail=f"binary_transaction_id {txn}")
+        return _record(ledger, transfer, "confirmed", clock, broker_txn_id=txn,
+                       detail=f"binary_transaction_id {txn}")
     except IntegrityError:
         # The broker's id already confirms another row: something is badly wrong; never guess.
-        return settle(ledger, transfer.id, "unknown", clock.now(), "agent", error_code="DuplicateTxnId",
-                      error_message=f"binary_transaction_id {txn} already confirms another transfer")
+        return _record(ledger, transfer, "unknown", clock, error_code="DuplicateTxnId",
+                       error_message=f"binary_transaction_id {txn} already confirms another transfer")
+
+
+def _record(ledger: Ledger, transfer: Transfer, to: str, clock: Clock, **fields: Any) -> Transfer:
+    """The broker's answer to our own request. The row is ours and `sent`; if another process moved it to
+    `unknown` meanwhile (it should not: it is owned), the answer still settles it. A row already `failed` by
+    someone else while the broker executed it is the one thing that must never pass quietly."""
+    try:
+        return settle(ledger, transfer.id, to, clock.now(), "agent", expected=("sent", "unknown") if to != "unknown"
+                      else "sent", **fields)
+    except StateError:
+        with ledger.session() as session:
+            current = session.get(Transfer, transfer.id)
+            assert current is not None
+            if to == "confirmed" and current.state == "failed":
+                message = (f"transfer {transfer.id} was settled failed by someone else, but the broker confirmed it "
+                           f"(txn {fields.get('broker_txn_id')}): fix the ledger with an operator")
+                log.error("%s", message)
+                session.add(Halt(account=transfer.account, kind="operator_needed", scope="all", reason=message,
+                                 created_at=clock.now(), created_by="agent"))
+                session.commit()
+            return current

@@ -77,6 +77,8 @@ class Transfer(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     resolved_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The process that made it (host:pid:run): while that process lives, nobody else settles it in flight.
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     __table_args__ = (
         CheckConstraint("state IN ('pending','sent','confirmed','failed','unknown')", name="state"),
@@ -88,6 +90,18 @@ class Transfer(Base):
               postgresql_where="state IN ('pending','sent','unknown')"),
         Index("ix_transfers_account_created", "account", "created_at"),
     )
+
+
+class FundingAccount(Base):
+    """A Deriv account that pays top-ups and receives sweeps for one or more MT5 accounts: the unit that
+    evaluations of those accounts are serialized on (its lane; a row lock across hosts)."""
+
+    __tablename__ = "funding_accounts"
+
+    login: Mapped[str] = mapped_column(String(32), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(12), nullable=False)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    last_intent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class TransferEvent(Base):

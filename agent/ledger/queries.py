@@ -194,6 +194,9 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
     all_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts
                            if h.scope == "all") or None
     open_rows = unresolved(session, account)
+    last_moved = session.execute(
+        select(Transfer.id, Transfer.updated_at).where(Transfer.account == account, Transfer.state == "confirmed")
+        .order_by(Transfer.updated_at.desc(), Transfer.id.desc()).limit(1)).first()
     blocked = None
     if open_rows:
         t = open_rows[0]
@@ -201,7 +204,26 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
                    "resolve it with `fund-agent reconcile` or `fund-agent resolve`")
     return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=net,
                  peak_equity=peak_equity(session, account), top_up_halt=halt_reason, halt=all_reason,
-                 unresolved=blocked)
+                 unresolved=blocked, last_transfer=(int(last_moved[0]), last_moved[1]) if last_moved else None)
+
+
+def funding_in_flight(session: Session, funding: str) -> tuple[Decimal, int, str]:
+    """Every unresolved top-up paid from `funding` (pending, sent, unknown), whether or not the broker's balance
+    already shows it: (their sum, their count, the currency). Counted against the funding reserve."""
+    rows = session.execute(
+        select(Transfer.currency, func.count(Transfer.id), func.coalesce(func.sum(Transfer.amount_minor), 0))
+        .where(Transfer.funding == funding, Transfer.kind == "top_up", Transfer.state.in_(UNRESOLVED_STATES))
+        .group_by(Transfer.currency)).all()
+    if not rows:
+        return Decimal(0), 0, ""
+    currency = rows[0][0]
+    return money.from_minor(int(rows[0][2]), currency), int(rows[0][1]), currency
+
+
+def unresolved_count(session: Session) -> int:
+    """Unresolved transfers of every account: each may already count against the broker's daily MT5 count."""
+    return int(session.execute(select(func.count(Transfer.id))
+                               .where(Transfer.state.in_(UNRESOLVED_STATES))).scalar_one())
 
 
 def record_decision(session: Session, at: datetime, account: str, policy: str, policy_sha256: str | None,

@@ -6,7 +6,7 @@ nothing) is in the Decision, so that it can be recorded and shown to an operator
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -17,6 +17,9 @@ from agent.timeutil import fmt_duration, iso
 
 ZERO = Decimal(0)
 MAX_FAILURE_BACKOFF = timedelta(hours=1)
+# A reading dated later than now by more than this is refused (a terminal or EA whose clock runs ahead would
+# otherwise shadow every later, correct reading).
+MAX_CLOCK_SKEW = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Usage:
     top_up_halt: str | None = None  # reason, when top-ups of this account are halted
     halt: str | None = None  # reason, when everything on this account is halted (transfers of both kinds)
     unresolved: str | None = None  # a transfer whose outcome is not proven blocks the account
+    last_transfer: tuple[int, datetime] | None = None  # (id, when it was confirmed) of the newest confirmed one
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,9 @@ def _broker_caps(broker: BrokerLimits, cur: str) -> tuple[list[tuple[str, Decima
 
 def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datetime, *,
              no_reading: str | None = None, funding_balance: Decimal | None = None,
-             broker: BrokerLimits = BrokerLimits()) -> Decision:
-    """Decide what to do for one account now. `funding_balance` None means it was not read (no top-up)."""
+             funding_in_flight: Decimal = ZERO, broker: BrokerLimits = BrokerLimits()) -> Decision:
+    """Decide what to do for one account now. `funding_balance` None means it was not read (no top-up);
+    `funding_in_flight` is every unresolved top-up from the same funding account, counted as already paid."""
     cur = policy.currency
     if usage.unresolved:
         return Decision("none", None, f"blocked: {usage.unresolved}", bound_by="unresolved")
@@ -188,6 +193,16 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
     if age > policy.schedule.max_equity_age:
         return Decision("none", None, f"equity reading is {fmt_duration(age)} old, older than max_equity_age "
                         f"{fmt_duration(policy.schedule.max_equity_age)}", bound_by="stale", details=details)
+    if snapshot.taken_at > now + MAX_CLOCK_SKEW:
+        return Decision("none", None, f"equity reading is dated {iso(snapshot.taken_at)}, "
+                        f"{fmt_duration(snapshot.taken_at - now)} in the future (more than the "
+                        f"{fmt_duration(MAX_CLOCK_SKEW)} clock skew allowed): reading refused",
+                        bound_by="future_reading", details=details)
+    if usage.last_transfer is not None and snapshot.taken_at <= usage.last_transfer[1]:
+        transfer_id, settled_at = usage.last_transfer
+        return Decision("none", None, f"waiting for a reading newer than transfer {transfer_id} (settled "
+                        f"{iso(settled_at)}); this reading was taken {iso(snapshot.taken_at)} and does not show it",
+                        bound_by="reading_predates_transfer", details=details)
     if not snapshot.connected:
         return Decision("none", None, "terminal not connected to the trade server: reading not used",
                         bound_by="no_reading", details=details)
@@ -210,8 +225,15 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
                             f"{iso(until)}", bound_by="top_up.cooldown", details=details)
         if (backoff := _backing_off("top-up", usage.top_up, now)) is not None:
             return Decision("none", None, f"{fired}; {backoff}", bound_by="failure_backoff", details=details)
-        return _sized("top_up", fired, rule.target_equity - equity, rule.min_amount, rule.max_amount,
-                      policy, usage, now, funding_balance, broker, details, snapshot)
+        decision = _sized("top_up", fired, rule.target_equity - equity, rule.min_amount, rule.max_amount,
+                          policy, usage, now, funding_balance, broker, details, snapshot, funding_in_flight)
+        if decision.bound_by == "kill_switch.net_top_up_above" and not decision.transfers:
+            # the latch is a cap: the top-up that would cross it was cut; none fits any more, so it trips now
+            assert policy.kill_switch.net_top_up_above is not None
+            decision = replace(decision, kill_switch=(
+                f"kill switch: net top-ups {_fmt(usage.net_top_up, cur)} leave no room under net_top_up_above "
+                f"{_fmt(policy.kill_switch.net_top_up_above, cur)} for another top-up"))
+        return decision
 
     if policy.sweep is not None and equity > policy.sweep.when_equity_above:
         sweep = policy.sweep
@@ -241,7 +263,7 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
 
 def _sized(kind: str, fired: str, wanted: Decimal, min_amount: Decimal | None, max_amount: Decimal | None,
            policy: Policy, usage: Usage, now: datetime, funding_balance: Decimal | None, broker: BrokerLimits,
-           details: dict[str, str], snapshot: Snapshot) -> Decision:
+           details: dict[str, str], snapshot: Snapshot, funding_in_flight: Decimal = ZERO) -> Decision:
     cur = policy.currency
     limits = policy.limits.top_up if kind == "top_up" else policy.limits.sweep
     kind_usage = usage.top_up if kind == "top_up" else usage.sweep
@@ -264,8 +286,17 @@ def _sized(kind: str, fired: str, wanted: Decimal, min_amount: Decimal | None, m
                             details=details)
         reserve = policy.limits.funding_reserve
         details["funding_balance"] = _fmt(funding_balance, cur)
-        caps.append(("limits.funding_reserve", funding_balance - reserve,
-                     f"funding balance {_fmt(funding_balance, cur)} less reserve {_fmt(reserve, cur)}"))
+        in_flight = ""
+        if funding_in_flight:
+            details["funding_in_flight"] = _fmt(funding_in_flight, cur)
+            in_flight = f" less {_fmt(funding_in_flight, cur)} of unresolved top-ups from it"
+        caps.append(("limits.funding_reserve", funding_balance - funding_in_flight - reserve,
+                     f"funding balance {_fmt(funding_balance, cur)}{in_flight} less reserve {_fmt(reserve, cur)}"))
+        ks = policy.kill_switch
+        if ks.net_top_up_above is not None:
+            caps.append(("kill_switch.net_top_up_above", ks.net_top_up_above - usage.net_top_up,
+                         f"net top-ups {_fmt(usage.net_top_up, cur)} of kill_switch.net_top_up_above "
+                         f"{_fmt(ks.net_top_up_above, cur)}"))
     elif snapshot.margin_free is not None and snapshot.margin and snapshot.margin > 0:
         caps.append(("margin_free", snapshot.margin_free, f"free margin {_fmt(snapshot.margin_free, cur)}"))
 

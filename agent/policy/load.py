@@ -210,10 +210,10 @@ class _NoDuplicatesLoader(yaml.SafeLoader):
 
 
 def _valid_cron(expression: str) -> str | None:
-    from apscheduler.triggers.cron import CronTrigger
+    from agent.cronspec import crontab_trigger
 
     try:
-        CronTrigger.from_crontab(expression, timezone="UTC")
+        crontab_trigger(expression, timezone="UTC")
     except (ValueError, TypeError) as exc:
         return str(exc)
     return None
