@@ -18,6 +18,8 @@ from agent.config import ConfigError
 from agent.equity.base import NoReading
 from agent.equity.ea_file import parse_status
 from agent.equity.intake import IntakeStore
+from agent.policy.evaluate import MAX_CLOCK_SKEW
+from agent.timeutil import iso, utcnow
 
 log = logging.getLogger("agent.http")
 MAX_BODY = 64 * 1024
@@ -106,6 +108,11 @@ class HttpApi:
         except (ValueError, NoReading) as exc:
             self.intake_rejected += 1
             return 400, str(exc)
+        if snapshot.taken_at > utcnow() + MAX_CLOCK_SKEW:
+            # kept, it would shadow every later, correct reading until the clocks agree again
+            self.intake_rejected += 1
+            return 400, (f"status is dated {iso(snapshot.taken_at)}, in the future: refused (check the terminal's "
+                         "clock)")
         self.intake.put(snapshot)
         self.intake_accepted += 1
         return 200, f"status of {snapshot.login} taken"

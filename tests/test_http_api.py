@@ -79,3 +79,13 @@ def test_listen_is_loopback_only_unless_allowed():
     with pytest.raises(ConfigError):
         parse_listen("0.0.0.0:8787", False)
     assert parse_listen("0.0.0.0:8787", True) == ("0.0.0.0", 8787)
+
+
+def test_intake_refuses_a_status_dated_in_the_future_so_it_cannot_shadow_later_ones(api):
+    server, store = api
+    ahead = {**STATUS, "time": int(time.time()) + 86400, "equity": 100.0}
+    status, body = post(server.port, json.dumps(ahead).encode(), "s3cret-intake")
+    assert status == 400 and "in the future" in body["message"]
+    assert store.get("130002534") is None
+    status, _ = post(server.port, json.dumps({**STATUS, "time": int(time.time())}).encode(), "s3cret-intake")
+    assert status == 200 and store.get("130002534").equity == Decimal("950.12")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from agent import money
 from agent.equity.base import NoReading, Snapshot, login_digits
+from agent.policy.evaluate import MAX_CLOCK_SKEW
 from agent.timeutil import Clock
 
-_FUTURE_SLACK = timedelta(seconds=5)  # clocks of the VPS and the terminal may differ a little
+_FUTURE_SLACK = MAX_CLOCK_SKEW  # one skew allowance for every source (agent.policy.evaluate)
 NUMBERS = ("balance", "equity", "margin", "margin_free", "margin_level")
 
 
