@@ -117,3 +117,33 @@ def test_readers_do_not_wait_for_a_writer(tmp_path):
             assert reader.execute(text("SELECT reason FROM transfers")).scalar_one() == "test"
         writer.commit()
     ledger.close()
+
+
+def test_migration_0003_adds_owners_and_funding_accounts_to_a_ledger_with_rows(tmp_path):
+    from alembic import command
+
+    from agent.ledger.db import alembic_config
+
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    command.upgrade(alembic_config(url), "0002")  # a ledger made by the previous release
+    ledger = Ledger(url)
+    with ledger.engine.begin() as conn:
+        for i, funding in enumerate(["CR4000128", "CR4000128", "CR9"], start=1):
+            conn.exec_driver_sql(
+                "INSERT INTO transfers (created_at, updated_at, account, funding, kind, amount_minor, currency, "
+                "state, policy, policy_sha256, equity, reason) VALUES (?, ?, ?, ?, 'top_up', 55000, 'USD', "
+                "'confirmed', 'p', 'x', '450', 'r')",
+                (f"2026-11-2{i}T00:00:00.000000Z", f"2026-11-2{i}T00:00:00.000000Z", f"MTR13000253{i}", funding))
+    ledger.close()
+    before, after, backup = upgrade(url)
+    assert (before, after) == ("0002", "0003") and backup is not None and backup.exists()
+    ledger = Ledger(url)
+    with ledger.engine.connect() as conn:
+        funding = conn.execute(text("SELECT login, first_seen_at, last_intent_at FROM funding_accounts "
+                                    "ORDER BY login")).all()
+        owners = conn.execute(text("SELECT owner FROM transfers")).scalars().all()
+    ledger.close()
+    assert funding == [("CR4000128", "2026-11-21T00:00:00.000000Z", "2026-11-22T00:00:00.000000Z"),
+                       ("CR9", "2026-11-23T00:00:00.000000Z", "2026-11-23T00:00:00.000000Z")]
+    assert owners == [None, None, None]  # made before owners existed: nobody holds them in flight
