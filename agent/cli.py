@@ -121,13 +121,17 @@ def run(ctx: click.Context, once: bool) -> None:
         access = take_ledger(config, "run --once", required=True)
     except LockHeld as exc:
         raise Failure(f"{exc} (or use `fund-agent plan` to see what a pass would do)") from None
+    clock = Clock()
     try:
         ledger = Ledger.open(config.database)
+        try:
+            source = make_source(config, clock, broker)
+        except BaseException:
+            ledger.close()
+            raise
     except BaseException:
         access.release()
         raise
-    clock = Clock()
-    source = make_source(config, clock, broker)
     ok = not problems and bool(policies)
     try:
         broker.connect()
@@ -450,7 +454,11 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
         raise click.UsageError("--failed needs --reason TEXT")
     config = _config(ctx)
     access = take_ledger(config, "resolve", required=False)
-    ledger_ = Ledger.open(config.database)
+    try:
+        ledger_ = Ledger.open(config.database)
+    except BaseException:
+        access.release()
+        raise
     who = f"operator:{_operator()}"
     now = utcnow()
     try:

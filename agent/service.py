@@ -282,6 +282,21 @@ class Service:
         connected = bool(self.engine and self.engine.broker and self.engine.broker.connected)
         log.info("heartbeat: %d policies, %d evaluations, broker %s", len(self.policies), self.stats.evaluations,
                  "connected" if connected else "disconnected")
+        self._reconcile_orphans()
+
+    def _reconcile_orphans(self) -> None:
+        """Unresolved transfers of accounts that no policy in force evaluates (a policy removed or renamed while
+        one was open) would otherwise wait for a restart: each account's own evaluation reconciles the rest."""
+        if self.engine is None or self.engine.reconciler is None or self.ledger is None:
+            return
+        with self.ledger.reader() as session:
+            orphans = sorted({t.account for t in queries.unresolved(session)} - set(self.policies))
+        for account in orphans:
+            try:
+                for verdict in self.engine.reconciler.run(account):
+                    log.warning("reconcile (no policy in force for %s): %s", account, verdict)
+            except BrokerError as exc:
+                log.warning("reconcile of %s failed: %s", account, exc.code)
 
     # ---- health and metrics ----
 

@@ -251,7 +251,7 @@ def test_consecutive_top_ups_the_one_past_the_limit_is_not_sent():
 
 
 def test_a_reading_that_predates_the_last_transfer_is_not_acted_on():
-    usage = Usage(last_transfer=(7, NOW - timedelta(seconds=5)))
+    usage = Usage(last_transfer=(7, NOW - timedelta(seconds=10)))  # plus the 5 s skew a stamp may be ahead
     d = run(P, snap("450", age=5), usage)
     assert d.action == "none" and d.bound_by == "reading_predates_transfer"
     assert "waiting for a reading newer than transfer 7" in d.reason

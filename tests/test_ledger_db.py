@@ -147,3 +147,17 @@ def test_migration_0003_adds_owners_and_funding_accounts_to_a_ledger_with_rows(t
     assert funding == [("CR4000128", "2026-11-21T00:00:00.000000Z", "2026-11-22T00:00:00.000000Z"),
                        ("CR9", "2026-11-23T00:00:00.000000Z", "2026-11-23T00:00:00.000000Z")]
     assert owners == [None, None, None]  # made before owners existed: nobody holds them in flight
+
+
+def test_one_ledger_file_has_one_lock_whichever_path_names_it(tmp_path):
+    from agent.instance_lock import InstanceLock, LockHeld
+    from agent.ledger.db import sqlite_path
+
+    (tmp_path / "a").mkdir()
+    real = tmp_path / "a" / "ledger.db"
+    real.touch()
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    via_link = sqlite_path(f"sqlite:///{tmp_path / 'b' / 'ledger.db'}")
+    assert via_link == sqlite_path(f"sqlite:///{real}")
+    with InstanceLock(sqlite_path(f"sqlite:///{real}"), "run"), pytest.raises(LockHeld):
+        InstanceLock(via_link, "run --once").acquire()

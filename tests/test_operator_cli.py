@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 from conftest import FUNDING, MT5, TOKEN, run_cli, write_status
 
@@ -124,14 +125,16 @@ def test_resume_after_a_kill_switch_counts_afresh(workspace, fake):
                       .replace("cooldown: 30m", "cooldown: 1s"))
     write_status(workspace / "status", equity="450.00")
     assert run_cli("run", "--once", cwd=workspace, env=ENV).returncode == 0  # the one top-up allowed
-    # the EA writes again after the top-up (whole seconds: one second on, so the reading is newer than it)
-    write_status(workspace / "status", equity="450.00", age=-1)
+    # the EA writes again after the top-up: stamped later than it by more than the clock skew allowed
+    time.sleep(1.1)
+    write_status(workspace / "status", equity="450.00", age=-5)
     tripped = run_cli("run", "--once", cwd=workspace, env=ENV)
     assert "kill switch: 1 top-ups with no sweep between them" in tripped.stdout
     kinds = [h["kind"] for h in json.loads(run_cli("halts", "--format", "json", cwd=workspace).stdout)]
     assert kinds == ["kill_switch"]
     assert "1 halt(s) cleared" in run_cli("resume", MT5, cwd=workspace).stdout
-    write_status(workspace / "status", equity="450.00", age=-2)
+    time.sleep(1.1)
+    write_status(workspace / "status", equity="450.00", age=-5)
     again = run_cli("run", "--once", cwd=workspace, env=ENV)  # counts from the resume: one more is allowed
     assert "confirmed" in again.stdout, again.stdout
     assert len(fake.transfers(FUNDING)) == 2

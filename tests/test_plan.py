@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from conftest import TOKEN, run_cli, write_status
 
@@ -28,7 +29,8 @@ def test_plan_says_what_it_would_do_and_sends_nothing(workspace, fake):
 def test_plan_leaves_an_existing_ledger_byte_for_byte(workspace, fake):
     write_status(workspace / "status", equity="450.00")
     assert run_cli("run", "--once", cwd=workspace, env={"DERIV_API_TOKEN": TOKEN}).returncode == 0
-    write_status(workspace / "status", equity="450.00", age=-1)  # written after the top-up (whole seconds)
+    time.sleep(1.1)  # the EA writes again, stamped later than the top-up by more than the clock skew allowed
+    write_status(workspace / "status", equity="450.00", age=-5)
     before = digest(workspace / "ledger.db")
     result = run_cli("plan", "--format", "json", cwd=workspace, env={"DERIV_API_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr

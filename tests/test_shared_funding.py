@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from agent.equity.base import Snapshot
 from agent.ledger import queries
 from agent.ledger.db import Ledger
 from agent.policy.load import parse_policy
-from agent.timeutil import Clock
+from agent.timeutil import Clock, ManualClock
 
 BASE = (Path(__file__).parent / "policies" / "good" / "base.yaml").read_text()
 D = Decimal
@@ -95,9 +95,8 @@ def test_two_accounts_on_one_funding_account_never_breach_its_reserve(fake, ledg
 def test_many_accounts_concurrent_rounds_on_the_memory_broker(ledger):
     """Eight accounts, one funding account, a broker that credits MT5 late and answers slowly; rounds of
     concurrent evaluations. The reserve holds at every moment and the ledger equals the statement."""
-    clock = Clock()
-    broker = MemoryBroker(clock, latency=0.01, deposit_credit_delay=timedelta(milliseconds=50),
-                          daily_transfers=100)
+    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
+    broker = MemoryBroker(clock, latency=0.01, deposit_credit_delay=timedelta(seconds=5), daily_transfers=100)
     broker.add_account(FUNDING, "USD", "4000.00")
     logins = [f"MTR13000{2534 + i}" for i in range(8)]
     for login in logins:
@@ -110,7 +109,7 @@ def test_many_accounts_concurrent_rounds_on_the_memory_broker(ledger):
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(engine.tick, policies))
         lowest.append(broker.balance_of(FUNDING))
-        time.sleep(0.06)
+        clock.advance(timedelta(seconds=10))  # the MT5 credits land; readings are newer than the top-ups
     assert min(lowest) >= D("1000.00"), lowest
     confirmed = [r for r in rows(ledger) if r["state"] == "confirmed"]
     assert sum(D(r["amount"]) for r in confirmed) == D("4000.00") - broker.balance_of(FUNDING)
@@ -173,7 +172,7 @@ def test_a_withdrawal_whose_funding_credit_is_late_stays_unknown_never_failed(fa
 
 def test_the_drawdown_switch_does_not_count_the_agents_own_sweeps(ledger):
     """Equity 5800 swept to 5200 is not a 10% drawdown; a 10% trading loss after it is."""
-    clock = Clock()
+    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
     broker = MemoryBroker(clock)
     broker.add_account(FUNDING, "USD", "10000.00")
     broker.add_account(MT5, "USD", "5800.00", mt5=True)
@@ -187,14 +186,16 @@ def test_the_drawdown_switch_does_not_count_the_agents_own_sweeps(ledger):
     assert first.decision.action == "sweep" and first.transfer["state"] == "confirmed"
     assert first.decision.amount == D("600.00")
     source.equity[MT5] = D("5200")
+    clock.advance(timedelta(seconds=10))
     after = engine.tick(policy)
     assert after.decision.kill_switch is None and after.decision.bound_by != "halt", after.decision.reason
     source.equity[MT5] = D("4680")  # 10% below 5200: a real trading loss
+    clock.advance(timedelta(seconds=10))
     assert engine.tick(policy).decision.kill_switch
 
 
 def test_top_ups_raise_the_peak_so_they_do_not_hide_a_loss(ledger):
-    clock = Clock()
+    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
     broker = MemoryBroker(clock)
     broker.add_account(FUNDING, "USD", "10000.00")
     broker.add_account(MT5, "USD", "700.00", mt5=True)
@@ -204,6 +205,31 @@ def test_top_ups_raise_the_peak_so_they_do_not_hide_a_loss(ledger):
     engine = Engine(ledger, broker, source, clock, owner="test")
     engine.tick(policy)  # peak 700
     source.equity[MT5] = D("450")
+    clock.advance(timedelta(seconds=10))
     assert engine.tick(policy).transfer["state"] == "confirmed"  # top-up 550: the peak is now 1250
-    source.equity[MT5] = D("600")  # 650 lost since the top-up: 52% of 1250; without the shift it looked like 0%
+    source.equity[MT5] = D("600")
+    clock.advance(timedelta(seconds=10))  # 650 lost since the top-up: 52% of 1250; without the shift it looked like 0%
     assert engine.tick(policy).decision.kill_switch
+
+
+def test_a_transfer_failed_by_someone_else_that_the_statement_shows_moved_halts_the_account(ledger):
+    """The service's reconciler finds the row, but an operator's reconcile (or resolve) failed it meanwhile: the
+    ledger is not rewritten, and the account stops for a person instead of topping up again."""
+    from agent.engine import transfers
+
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    broker.add_account(FUNDING, "USD", "10000.00")
+    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    t = transfers.create_intent(ledger, at=clock.now(), account=MT5, funding=FUNDING, kind="top_up",
+                                amount=D("550.00"), currency="USD", policy="p", policy_sha256="0" * 64,
+                                equity=D("450"), reason="test", owner="gone")
+    t = transfers.settle(ledger, t.id, "sent", clock.now(), "agent", expected="pending")
+    t = transfers.settle(ledger, t.id, "unknown", clock.now(), "agent", expected="sent")
+    broker.mt5_deposit(FUNDING, MT5, D("550.00"))  # it did move
+    transfers.settle(ledger, t.id, "failed", clock.now(), "operator:x", expected="unknown")  # someone says not
+    verdict = Reconciler(ledger, broker, clock).resolve_one(t)  # still holding the row as it was: unknown
+    assert verdict.after == "failed" and "someone else" in verdict.reason
+    with ledger.reader() as session:
+        [halt] = queries.active_halts(session, MT5)
+    assert halt.kind == "operator_needed" and halt.scope == "all" and "money moved" in halt.reason

@@ -141,6 +141,9 @@ class Reconciler:
                        resolved_by="reconcile", detail=f"statement row {txn} matches{how}")
             except IntegrityError:
                 return self._keep(t, f"statement row {txn} matches, but another transfer links it now", halt=True)
+            except StateError:
+                self._failed_but_moved(t, txn, now)
+                raise
             self._clear_unresolved_halts(t.account, now)
             return Verdict(t.id, t.account, t.state, "confirmed", txn, f"found in the broker's statement{how}")
         if len(candidates) > 1:
@@ -215,6 +218,19 @@ class Reconciler:
                     session.commit()
         after = "unknown" if (halt or t.state == "unknown") else t.state
         return Verdict(t.id, t.account, t.state, after, None, reason + ("; account halted" if halt else ""))
+
+    def _failed_but_moved(self, t: Transfer, txn: int, now: datetime) -> None:
+        """Someone settled the transfer `failed` while the statement shows it moved (statement row `txn`): the
+        account must not go on as if nothing had been sent. Halt it for a person; never rewrite the row."""
+        with self.ledger.session() as session:
+            current = session.get(Transfer, t.id)
+            if current is None or current.state != "failed":
+                return
+            message = (f"transfer {t.id} is failed, but the broker's statement row {txn} matches it: money moved; "
+                       "check it and settle the ledger by hand")
+            log.error("%s", message)
+            queries.add_halt(session, t.account, "operator_needed", message, now, "reconcile", scope="all")
+            session.commit()
 
     def _clear_unresolved_halts(self, account: str, now: datetime) -> None:
         with self.ledger.session() as session:

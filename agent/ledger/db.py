@@ -39,7 +39,8 @@ def sqlite_path(url: str) -> Path | None:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    return Path(parsed.database)
+    # resolved (symlinks too): the lock beside the ledger must be the same file whichever path names the ledger
+    return Path(parsed.database).resolve()
 
 
 def make_engine(url: str, readonly: bool = False) -> Engine:

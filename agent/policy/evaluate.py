@@ -198,7 +198,9 @@ def evaluate(policy: Policy, snapshot: Snapshot | None, usage: Usage, now: datet
                         f"{fmt_duration(snapshot.taken_at - now)} in the future (more than the "
                         f"{fmt_duration(MAX_CLOCK_SKEW)} clock skew allowed): reading refused",
                         bound_by="future_reading", details=details)
-    if usage.last_transfer is not None and snapshot.taken_at <= usage.last_transfer[1]:
+    # A terminal clock up to MAX_CLOCK_SKEW ahead is accepted, so a reading's stamp may be that much later than
+    # when it was taken: it proves it shows a transfer only when it is stamped later than that by more.
+    if usage.last_transfer is not None and snapshot.taken_at <= usage.last_transfer[1] + MAX_CLOCK_SKEW:
         transfer_id, settled_at = usage.last_transfer
         return Decision("none", None, f"waiting for a reading newer than transfer {transfer_id} (settled "
                         f"{iso(settled_at)}); this reading was taken {iso(snapshot.taken_at)} and does not show it",
