@@ -34,6 +34,7 @@ from typing import Any, NoReturn, TypeVar
 from agent import money
 from agent.broker.deriv import Session
 from agent.broker.errors import BadReply, BrokerError, LostReply, NotSent
+from agent.broker.fake import Account  # the same account record as the Deriv-protocol server
 from agent.timeutil import Clock
 
 T = TypeVar("T")
@@ -63,14 +64,6 @@ class Fault:
     mode: str
     code: str = "WrongResponse"
     delay: timedelta = timedelta(0)
-
-
-@dataclass
-class Account:
-    loginid: str
-    currency: str
-    balance: Decimal
-    mt5: bool = False
 
 
 @dataclass(order=True)
