@@ -250,7 +250,7 @@ class Service:
         if policy is None or self.engine is None:
             return
         with logs.log_context(account=account, policy=policy.name):
-            self.engine.tick(policy)
+            self.engine.tick_safely(policy)
 
     def _note(self, outcome: TickOutcome) -> None:
         self.stats.evaluations += 1

@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from agent import money
+from agent import logs, money
 from agent.broker.base import Broker
 from agent.broker.errors import NEEDS_OPERATOR, BrokerError, LostReply, NotSent
 from agent.engine import transfers
@@ -48,8 +48,8 @@ class TickOutcome:
     @property
     def ok(self) -> bool:
         """A usable reading, an evaluation, and any transfer started ended confirmed."""
-        if not self.had_reading or self.decision.bound_by == "unresolved":
-            return False
+        if not self.had_reading or self.decision.bound_by in ("unresolved", "broker", "funding_balance", "error"):
+            return False  # a needed transfer that could not be decided for want of the broker is not a success
         return self.transfer is None or self.transfer["state"] == "confirmed"
 
 
@@ -110,6 +110,28 @@ class Engine:
 
     # ---- one evaluation ----
 
+    def tick_safely(self, policy: Policy, execute: bool = True) -> TickOutcome:
+        """`tick`, but an unexpected error stays with its account: one log line, a decision row that says why,
+        and the other accounts are evaluated as usual."""
+        try:
+            return self.tick(policy, execute)
+        except Exception as exc:  # noqa: BLE001 - isolation: one account's failure must not stop the others
+            reason = f"evaluation failed: {type(exc).__name__}: {logs.redact(str(exc))[:300]}"
+            log.error("%s", reason)
+            decision = Decision("none", None, reason, bound_by="error")
+            if execute and self.ledger is not None:
+                try:
+                    with self.ledger.session() as session:
+                        queries.record_decision(session, self.clock.now(), policy.mt5, policy.name, policy.sha256,
+                                                decision, policy.currency, None, None, action="error")
+                        session.commit()
+                except Exception as journal_error:  # noqa: BLE001 - the log line above still says it
+                    log.error("the decision journal could not record it: %s", type(journal_error).__name__)
+            outcome = TickOutcome(policy, decision, None)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
+            return outcome
+
     def tick(self, policy: Policy, execute: bool = True) -> TickOutcome:
         """execute=False is `plan`: the same reads and decision, no writes, nothing sent."""
         snapshot: Snapshot | None = None
@@ -164,7 +186,7 @@ class Engine:
                 broker_error = f"broker error reading limits and balance: {exc.code}: {exc.message}"
         decision = evaluate(policy, snapshot, usage, now, no_reading=no_reading, funding_balance=funding_balance,
                             funding_in_flight=in_flight, broker=limits)
-        if broker_error and decision.transfers:
+        if broker_error and (decision.transfers or decision.bound_by == "funding_balance"):
             decision = Decision("none", None, broker_error, bound_by="broker", details=decision.details)
         outcome = TickOutcome(policy, decision, snapshot)
         transfer = None
