@@ -13,7 +13,7 @@ import click
 from agent import output
 from agent.config import Config, ConfigError, find_config, load_config
 from agent.logs import redact
-from agent.policy.load import Problem, load_policies, policy_files
+from agent.policy.load import Problem, load_policies, load_policy_file, policy_files
 from agent.policy.warnings import DEFAULT_BROKER, broker_warnings
 from agent.timeutil import parse_iso
 
@@ -22,6 +22,9 @@ LEDGER_COLUMNS = ["id", "created_at", "account", "kind", "amount", "currency", "
                   "equity", "error_code", "reason"]
 DECISION_COLUMNS = ["id", "at", "account", "policy", "action", "amount", "equity", "equity_age_s", "bound_by",
                     "reason"]
+# Transfer ids are SQLite row ids and broker transaction ids positive 64-bit integers: anything else is a typo.
+ID = click.IntRange(1, 2**63 - 1)
+_STATE: dict[str, Any] = {}  # the configuration in use, for main()'s error lines
 
 
 class Failure(Exception):
@@ -32,13 +35,49 @@ def _config(ctx: click.Context) -> Config:
     obj = ctx.ensure_object(dict)
     if "config" not in obj:
         obj["config"] = load_config(find_config(obj.get("config_path")))
+        _STATE["config"] = obj["config"]
     return obj["config"]
 
 
-def _policies(config: Config) -> tuple[list[Any], list[Problem]]:
+def _policies(config: Config, required: bool = False) -> tuple[list[Any], list[Problem | str]]:
+    """The policies in force and the problems to print. An account that two files name is in force under
+    neither: its problem is printed, the account is skipped (the command then exits 1), the others go on.
+    With `required`, no policy file at all is a Failure."""
     if not config.policies.exists():
         raise Failure(f"policies: {config.policies} does not exist")
-    return load_policies(policy_files(config.policies))
+    files = policy_files(config.policies)
+    policies, found = load_policies(files)
+    if required and not policies and not any(f.is_file() for f in files):
+        for problem in found:  # entries that are no policy (a dangling symlink...), but not the folder itself
+            if Path(problem.path) != config.policies:
+                click.echo(str(problem), err=True)
+        raise Failure(f"no policy found in {config.policies}: nothing to evaluate")
+    problems: list[Problem | str] = list(found)
+    duplicated = _duplicated_accounts(files, policies, found)
+    for account, paths in sorted(duplicated.items()):
+        problems.append(f"{account}: skipped: {len(paths)} policy files manage it ({', '.join(paths)}); "
+                        "keep one file per MT5 account")
+    return [p for p in policies if p.mt5 not in duplicated], problems
+
+
+def _duplicated_accounts(files: list[Path], policies: list[Any], problems: list[Problem]) -> dict[str, list[str]]:
+    """Accounts named by more than one policy file, with those files. load_policies keeps the first file and
+    reports the others as problems: a reported regular file that loads on its own was left out for its account
+    (whatever the problem's wording), so that account is duplicated."""
+    named: dict[str, list[str]] = {}
+    for policy in policies:
+        named.setdefault(policy.mt5, []).append(str(policy.path))
+    loaded = {str(policy.path) for policy in policies}
+    reported = {str(problem.path) for problem in problems}
+    for path in files:
+        if str(path) in loaded or str(path) not in reported or not path.is_file():
+            continue
+        try:
+            account = load_policy_file(path).mt5
+        except Exception:  # noqa: BLE001 - a file broken on its own is reported by its own problems
+            continue
+        named.setdefault(account, []).append(str(path))
+    return {account: paths for account, paths in named.items() if len(paths) > 1}
 
 
 def _operator() -> str:
@@ -109,7 +148,7 @@ def run(ctx: click.Context, once: bool) -> None:
     from agent.wiring import make_broker, make_reconciler, make_source, take_ledger
 
     config = _config(ctx)
-    policies, problems = _policies(config)
+    policies, problems = _policies(config, required=True)
     for problem in problems:
         click.echo(str(problem), err=True)
     if not once:
@@ -140,7 +179,7 @@ def run(ctx: click.Context, once: bool) -> None:
             click.echo(f"reconcile: {verdict}")
         engine = Engine(ledger, broker, source, clock, reconciler=reconciler)
         for policy in policies:
-            outcome = engine.tick(policy)
+            outcome = engine.tick_safely(policy)  # one account's unexpected error stays with that account
             click.echo(_outcome_line(outcome))
             ok = ok and outcome.ok
     finally:
@@ -183,7 +222,7 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
     from agent.wiring import make_broker, make_source
 
     config = _config(ctx)
-    policies, problems = _policies(config)
+    policies, problems = _policies(config, required=True)
     for problem in problems:
         click.echo(str(problem), err=True)
     broker = make_broker(config, transfers=False)
@@ -191,15 +230,17 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
     clock = Clock()
     source = make_source(config, clock, broker)
     would_transfer = False
+    failed = False  # an account whose evaluation failed: shown with why, and the exit is 1
     rows = []
     try:
         broker.connect()
         engine = Engine(ledger_, broker, source, clock)
         for policy in policies:
-            outcome = engine.tick(policy, execute=False)
+            outcome = engine.tick_safely(policy, execute=False)
             limits = engine.broker_limits(policy.currency)
             decision = outcome.decision
             would_transfer = would_transfer or decision.transfers
+            failed = failed or decision.bound_by == "error"
             rows.append({
                 "account": policy.mt5, "policy": policy.name, "policy_sha256": policy.sha256,
                 "equity": str(outcome.snapshot.equity) if outcome.snapshot else None,
@@ -227,7 +268,7 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
                 click.echo(f"  used {name}: {used}")
             for warning in row["warnings"]:
                 click.echo(f"  {warning}")
-    if problems:
+    if problems or failed:
         ctx.exit(EXIT_FAIL)
     ctx.exit(2 if detailed_exitcode and would_transfer else EXIT_OK)
 
@@ -238,11 +279,20 @@ def _filters(account: str | None, since: str | None, until: str | None, kind: st
              state: str | None) -> Any:
     from agent.ledger import queries
 
+    return queries.Filters(account=account, since=_moment(since, "--since"), until=_moment(until, "--until"),
+                           kind=kind, state=state)
+
+
+def _moment(text: str | None, option: str) -> Any:
+    """A --since/--until value as a UTC datetime; a value that is no date, or has no UTC equivalent, is a usage
+    error naming the option."""
+    if text is None:
+        return None
     try:
-        return queries.Filters(account=account, since=parse_iso(since) if since else None,
-                               until=parse_iso(until) if until else None, kind=kind, state=state)
-    except ValueError as exc:
-        raise click.BadParameter(f"not an ISO 8601 date or time: {exc}") from None
+        return parse_iso(text)
+    except (ValueError, OverflowError, TypeError):
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 date or time in range, e.g. 2026-11-25 or "
+                                 "2026-11-25T09:00:00Z", param_hint=f"'{option}'") from None
 
 
 def _filter_options(func: Any) -> Any:
@@ -377,6 +427,15 @@ def halt(ctx: click.Context, account: str, reason: str) -> None:
     finally:
         ledger_.close()
     click.echo(f"{account}: halted ({reason})")
+    if account not in _managed_accounts(config):  # recorded all the same: a halt may go ahead of its policy
+        click.echo(f"warning: no policy in {config.policies} manages {account}", err=True)
+
+
+def _managed_accounts(config: Config) -> set[str]:
+    if not config.policies.exists():
+        return set()
+    policies, _problems = load_policies(policy_files(config.policies))
+    return {policy.mt5 for policy in policies}
 
 
 @cli.command()
@@ -432,8 +491,9 @@ def reconcile(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.argument("transfer_id", type=int)
-@click.option("--confirmed", "txn_id", type=int, metavar="TXN_ID", help="The broker transaction that executed it.")
+@click.argument("transfer_id", type=ID)
+@click.option("--confirmed", "txn_id", type=ID, metavar="TXN_ID",
+              help="The broker transaction that executed it (a positive 64-bit integer).")
 @click.option("--failed", is_flag=True, help="It did not execute.")
 @click.option("--reason", help="Why (required with --failed).")
 @click.pass_context
@@ -578,7 +638,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=args, prog_name="fund-agent", standalone_mode=False)
     except click.exceptions.UsageError as exc:
-        exc.show()
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"fund-agent: error: {_one_line(exc.format_message())}{hint}", err=True)
         sys.exit(EXIT_USAGE)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -586,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(EXIT_FAIL)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"fund-agent: error: {_one_line(exc.format_message())}", err=True)
         sys.exit(EXIT_FAIL)
     except (Failure, ConfigError) as exc:
         click.echo(f"fund-agent: error: {redact(str(exc))}", err=True)
@@ -594,9 +655,29 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback unless --debug
         if debug:
             raise
-        from agent.broker.errors import BrokerError
-
-        prefix = "broker error" if isinstance(exc, BrokerError) else type(exc).__name__
-        click.echo(f"fund-agent: error: {prefix}: {redact(str(exc))}", err=True)
+        click.echo(f"fund-agent: error: {_error_line(exc)}", err=True)
         sys.exit(EXIT_FAIL)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _error_line(exc: Exception) -> str:
+    """An unexpected error as one line: never SQL, its parameters or a traceback."""
+    from agent.broker.errors import BrokerError
+    from agent.ledger.db import LedgerError
+
+    if isinstance(exc, LedgerError):
+        return _one_line(redact(str(exc)))
+    if isinstance(exc, BrokerError):
+        return f"broker error: {_one_line(redact(str(exc)))}"
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
+    if sqlalchemy_exc is not None and isinstance(exc, sqlalchemy_exc.DBAPIError):
+        from agent.ledger.db import db_reason, describe
+
+        config = _STATE.get("config")
+        where = f" {describe(config.database)}" if config is not None else ""
+        return f"the ledger{where} failed: {redact(db_reason(exc))}"
+    return f"{type(exc).__name__}: {_one_line(redact(str(exc)))}"

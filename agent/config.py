@@ -6,16 +6,31 @@ Secrets are never in this file: only the names of the environment variables that
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from agent import logs
+from agent.policy.load import YamlTooComplex, compose_guarded, construct_guarded, read_limited
+from agent.safe_io import UnsafeInput
 from agent.timeutil import DurationError, parse_duration
 
 DEFAULT_URL = "wss://ws.derivws.com/websockets/v3"
 SOURCES = ("mt5", "ea-file", "deriv", "simulated")
+MAX_CONFIG_BYTES = 1024 * 1024
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TOP_KEYS = ("database", "policies", "broker", "equity", "http", "notify", "reload_every")
+BROKER_KEYS = ("url", "app_id", "token_env", "timeout", "settle_window")
+EQUITY_KEYS = ("source", "dir", "terminals", "probe_command", "probe_timeout",  # mt5 / ea-file
+               "seed", "start_equity", "volatility", "drift")  # simulated
+TERMINAL_KEYS = ("path", "server", "password_env", "portable")
+HTTP_KEYS = ("listen", "allow_remote", "intake_secret_env")
+NOTIFY_KEYS = {"webhook": ("url", "events"), "telegram": ("token_env", "chat_id", "api_url", "events")}
+_LINE_DEPTH = 4  # keys are given lines down to equity.terminals.LOGIN.password_env
 
 
 class ConfigError(Exception):
@@ -90,67 +105,289 @@ def _database_url(value: str, base: Path) -> str:
 
 
 def load_config(path: Path) -> Config:
+    """Read, parse and check fund-agent.yaml. Every problem is one ConfigError line naming the key
+    (`FILE:LINE: key: message`), never another exception. Then the secrets the config names by environment
+    variable are registered for redaction, so that every command hides them from its first log line on."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_limited(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"{path}: the config file is a dangling symlink") from None
         raise ConfigError(f"{path}: config file not found (give --config PATH or set FUND_AGENT_CONFIG)") from None
+    except UnsafeInput as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    try:
+        root = compose_guarded(text)
+        if root is None or not isinstance(root, yaml.MappingNode):
+            line = root.start_mark.line + 1 if root is not None else 1
+            raise ConfigError(f"{path}:{line}: the config must be a mapping of keys to values")
+        lines = _key_lines(root, path)
+        _defuse_scalars(root)
+        raw = construct_guarded(root)
+    except YamlTooComplex as exc:
+        raise ConfigError(f"{path}:{exc.line}: {exc.message}") from None
     except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
-        raise ConfigError(f"{path}:{line}: YAML syntax error: {exc.problem}") from None
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        kind = "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise ConfigError(f"{path}:{line}: {kind}: {_one_line(exc.problem or exc.context or exc)}") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2024-13-45, a huge int
+        raise ConfigError(f"{path}: YAML error: {_one_line(exc)}") from None
+    config = parse_config(raw, path.resolve().parent, path, lines)
+    register_config_secrets(config)
+    return config
+
+
+def register_config_secrets(config: Config) -> None:
+    """Register for redaction the value of every environment variable the config names that is set."""
+    names = [config.broker.token_env]
+    if isinstance(config.http.get("intake_secret_env"), str):
+        names.append(config.http["intake_secret_env"])
+    telegram = config.notify.get("telegram")
+    if isinstance(telegram, dict):
+        names.append(str(telegram.get("token_env") or "TELEGRAM_BOT_TOKEN"))
+    terminals = config.equity.options.get("terminals")
+    if isinstance(terminals, dict):
+        names.extend(spec["password_env"] for spec in terminals.values()
+                     if isinstance(spec, dict) and isinstance(spec.get("password_env"), str))
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            logs.register_secret(value)
+            logs.register_secret(value.strip())
+
+
+def _one_line(value: object, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key_lines(root: yaml.MappingNode, path: Path) -> dict[str, int]:
+    """dotted key -> line, for the keys of the first few levels; duplicate and non-scalar keys are errors."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, where: str, depth: int) -> None:
+        if depth > _LINE_DEPTH or not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{path}:{line}: {where or 'the config'}: keys must be plain names")
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            dotted = f"{where}.{key_node.value}" if where else key_node.value
+            if dotted in lines:
+                raise ConfigError(f"{path}:{line}: {dotted}: duplicate key (first given on line {lines[dotted]})")
+            lines[dotted] = line
+            walk(value_node, dotted, depth + 1)
+
+    walk(root, "", 1)
+    return lines
+
+
+def _defuse_scalars(root: yaml.Node) -> None:
+    """Read dates and over-long integers as text: no config key takes them, and constructing them could raise
+    ValueError (a date 2024-13-45, an int of 5,000 digits) where the key-naming checks give a clear line."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == "tag:yaml.org,2002:timestamp" or (node.tag == "tag:yaml.org,2002:int"
+                                                             and len(node.value) > 40):
+                node.tag = "tag:yaml.org,2002:str"
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, (int, float)):
+        return f"a number ({_one_line(value, 40)})"
+    return _one_line(repr(value), 60)
+
+
+class _Checker:
+    """Typed reads of the constructed config; each failure is one ConfigError naming the key."""
+
+    def __init__(self, path: Path | None, lines: dict[str, int] | None) -> None:
+        self.path = path
+        self.lines = lines or {}
+
+    def fail(self, dotted: str, message: str) -> ConfigError:
+        if self.path is None:
+            return ConfigError(f"{dotted}: {message}")
+        key = dotted
+        while key and key not in self.lines:
+            key = key.rpartition(".")[0]
+        line = self.lines.get(key)
+        return ConfigError(f"{self.path}:{line}: {dotted}: {message}" if line else f"{self.path}: {dotted}: {message}")
+
+    def section(self, raw: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+        """A mapping (absent or empty: {})."""
+        dotted = f"{where}.{key}" if where else key
+        value = raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(dotted, f"must be a mapping of keys to values, got {_describe(value)}")
+        return value
+
+    def known(self, raw: dict[str, Any], where: str, allowed: tuple[str, ...]) -> None:
+        for key in raw:
+            if key not in allowed:
+                dotted = f"{where}.{key}" if where else str(key)
+                raise self.fail(dotted, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def text(self, raw: dict[str, Any], key: str, where: str, default: str | None, what: str) -> str | None:
+        dotted = f"{where}.{key}" if where else key
+        if key not in raw:
+            return default
+        value = raw[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(dotted, f"expected {what}, got {_describe(value) if value != '' else 'empty text'}")
+        return value
+
+    def env_name(self, raw: dict[str, Any], key: str, where: str, default: str | None) -> str | None:
+        name = self.text(raw, key, where, default, "the name of an environment variable")
+        if name is not None and not ENV_NAME.match(name):
+            raise self.fail(f"{where}.{key}", f"{_one_line(repr(name), 60)} is not an environment variable name "
+                                              "(letters, digits and _)")
+        return name
+
+    def duration(self, raw: dict[str, Any], key: str, where: str, default: str, zero_ok: bool = False) -> float:
+        dotted = f"{where}.{key}" if where else key
+        value = raw.get(key, default)
+        if zero_ok and not isinstance(value, bool) and value in (0, "0", "0s"):
+            return 0.0
+        try:
+            seconds = parse_duration(value).total_seconds()
+        except DurationError as exc:
+            raise self.fail(dotted, str(exc)) from None
+        if seconds <= 0 and not zero_ok:
+            raise self.fail(dotted, f"must be longer than 0s, got {_one_line(value, 40)}")
+        return seconds
+
+    def boolean(self, raw: dict[str, Any], key: str, where: str) -> None:
+        if key in raw and not isinstance(raw[key], bool):
+            raise self.fail(f"{where}.{key}", f"expected true or false, got {_describe(raw[key])}")
+
+    def number(self, raw: dict[str, Any], key: str, where: str) -> None:
+        if key not in raw:
+            return
+        value = raw[key]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise InvalidOperation
+            number = Decimal(str(value).strip())
+            if not number.is_finite() or abs(number) >= Decimal("1e15"):
+                raise InvalidOperation
+        except (InvalidOperation, ValueError):
+            raise self.fail(f"{where}.{key}", f"expected a number, got {_describe(value)}") from None
+
+
+def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
+                 lines: dict[str, int] | None = None) -> Config:
+    check = _Checker(path, lines)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: the config must be a mapping of keys to values")
-    return parse_config(raw, path.resolve().parent, path)
+        raise check.fail("config", "must be a mapping of keys to values")
+    check.known(raw, "", TOP_KEYS)
+    database = _database_url(check.text(raw, "database", "", "sqlite:///ledger.db",
+                                        "a database URL like sqlite:///ledger.db") or "", base)
+    policies = base / (check.text(raw, "policies", "", "policies/", "a folder or file name") or "")
 
-
-def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
-    where = f"{path}: " if path else ""
-    known = {"database", "policies", "broker", "equity", "http", "notify", "reload_every"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(known))})")
-    database = _database_url(str(raw.get("database", "sqlite:///ledger.db")), base)
-    policies = base / str(raw.get("policies", "policies/"))
-
-    broker_raw = raw.get("broker") or {}
-    if not isinstance(broker_raw, dict):
-        raise ConfigError(f"{where}broker must be a mapping")
-    extra = sorted(set(broker_raw) - {"url", "app_id", "token_env", "timeout", "settle_window"})
-    if extra:
-        raise ConfigError(f"{where}broker.{extra[0]}: unknown key")
+    broker_raw = check.section(raw, "broker")
+    check.known(broker_raw, "broker", BROKER_KEYS)
     app_id = broker_raw.get("app_id")
-    if app_id is not None and (isinstance(app_id, bool) or not str(app_id).isdigit()):
-        raise ConfigError(f"{where}broker.app_id must be a number, got {app_id!r}")
-    try:
-        timeout = parse_duration(str(broker_raw.get("timeout", "15s"))).total_seconds()
-    except DurationError as exc:
-        raise ConfigError(f"{where}broker.timeout: {exc}") from None
-    try:
-        settle_window = parse_duration(str(broker_raw.get("settle_window", "2m"))).total_seconds()
-    except DurationError as exc:
-        raise ConfigError(f"{where}broker.settle_window: {exc}") from None
-    token_env = str(broker_raw.get("token_env", "DERIV_API_TOKEN"))
-    url = str(broker_raw.get("url", DEFAULT_URL))
+    if app_id is not None:
+        digits = app_id if isinstance(app_id, str) else str(app_id) if type(app_id) is int else ""
+        if not (digits.isascii() and digits.isdigit() and 0 < len(digits) <= 12 and int(digits) > 0):
+            raise check.fail("broker.app_id", f"must be a number like 1089, got {_describe(app_id)}")
+        app_id = int(digits)
+    timeout = check.duration(broker_raw, "timeout", "broker", "15s")
+    settle_window = check.duration(broker_raw, "settle_window", "broker", "2m")
+    token_env = check.env_name(broker_raw, "token_env", "broker", "DERIV_API_TOKEN") or "DERIV_API_TOKEN"
+    url = check.text(broker_raw, "url", "broker", DEFAULT_URL, "a websocket URL like " + DEFAULT_URL) or ""
     if not url.startswith(("wss://", "ws://")):
-        raise ConfigError(f"{where}broker.url must start with wss:// (or ws:// for a local test server)")
-    broker = BrokerConfig(url=url, app_id=int(app_id) if app_id is not None else None, token_env=token_env,
-                          timeout=timeout, settle_window=settle_window)
+        raise check.fail("broker.url", "must start with wss:// (or ws:// for a local test server)")
+    broker = BrokerConfig(url=url, app_id=app_id, token_env=token_env, timeout=timeout,
+                          settle_window=settle_window)
 
-    equity_raw = dict(raw.get("equity") or {})
-    source = str(equity_raw.pop("source", "mt5"))
-    if source not in SOURCES:
-        raise ConfigError(f"{where}equity.source must be one of {', '.join(SOURCES)}, got {source!r}")
-    eq_dir = equity_raw.pop("dir", None)
+    equity_raw = dict(check.section(raw, "equity"))
+    check.known(equity_raw, "equity", EQUITY_KEYS)
+    source = equity_raw.pop("source", "mt5")
+    if not isinstance(source, str) or source not in SOURCES:
+        raise check.fail("equity.source", f"must be one of {', '.join(SOURCES)}, got {_describe(source)}")
+    eq_dir = check.text(equity_raw, "dir", "equity", None, "a folder name")
+    equity_raw.pop("dir", None)
     if source == "ea-file" and not eq_dir:
-        raise ConfigError(f"{where}equity.dir is required with the ea-file source")
-    equity = EquityConfig(source=source, dir=(base / str(eq_dir)) if eq_dir else None, options=equity_raw)
-    reload_text = str(raw.get("reload_every", "2s"))
-    try:
-        reload_every = 0.0 if reload_text in ("0", "0s") else parse_duration(reload_text).total_seconds()
-    except DurationError as exc:
-        raise ConfigError(f"{where}reload_every: {exc}") from None
+        raise check.fail("equity.dir", "is required with the ea-file source")
+    terminals = check.section(equity_raw, "terminals", "equity")
+    for login, spec in terminals.items():
+        where = f"equity.terminals.{login}"
+        if not isinstance(spec, dict):
+            raise check.fail(where, f"must be a mapping of path, server, password_env, got {_describe(spec)}")
+        check.known(spec, where, TERMINAL_KEYS)
+        check.text(spec, "path", where, None, "a file name")
+        check.text(spec, "server", where, None, "a server name")
+        check.env_name(spec, "password_env", where, None)
+        check.boolean(spec, "portable", where)
+    check.text(equity_raw, "probe_command", "equity", None, "a command line")
+    if "probe_timeout" in equity_raw:
+        check.duration(equity_raw, "probe_timeout", "equity", "10s")
+    if "seed" in equity_raw and (type(equity_raw["seed"]) is not int or abs(equity_raw["seed"]) >= 2 ** 63):
+        raise check.fail("equity.seed", f"expected a whole number, got {_describe(equity_raw['seed'])}")
+    for key in ("start_equity", "volatility", "drift"):
+        check.number(equity_raw, key, "equity")
+    equity = EquityConfig(source=source, dir=(base / eq_dir) if eq_dir else None, options=equity_raw)
+
+    http = dict(check.section(raw, "http"))
+    check.known(http, "http", HTTP_KEYS)
+    listen = check.text(http, "listen", "http", None, "HOST:PORT like 127.0.0.1:8787")
+    if listen is not None:
+        port = listen.rpartition(":")[2]
+        if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+            raise check.fail("http.listen", f"must be HOST:PORT like 127.0.0.1:8787, got {_one_line(repr(listen), 60)}")
+    check.boolean(http, "allow_remote", "http")
+    check.env_name(http, "intake_secret_env", "http", None)
+
+    notify = dict(check.section(raw, "notify"))
+    check.known(notify, "notify", tuple(NOTIFY_KEYS))
+    for channel, keys in NOTIFY_KEYS.items():
+        settings = check.section(notify, channel, "notify")
+        where = f"notify.{channel}"
+        check.known(settings, where, keys)
+        if channel == "webhook" and settings:  # the URL is never echoed: it may carry a credential
+            if not isinstance(settings.get("url"), str):
+                raise check.fail(f"{where}.url", f"expected an http(s) URL, got {_describe(settings.get('url'))}")
+        if channel == "telegram":
+            check.env_name(settings, "token_env", where, None)
+            check.text(settings, "api_url", where, None, "an http(s) URL")
+            chat_id = settings.get("chat_id")
+            if chat_id is not None and (isinstance(chat_id, bool) or not isinstance(chat_id, (str, int))):
+                raise check.fail(f"{where}.chat_id", f"expected a chat id, got {_describe(chat_id)}")
+        events = settings.get("events")
+        if events is not None and (not isinstance(events, list) or not all(isinstance(e, str) for e in events)):
+            raise check.fail(f"{where}.events", f"expected a list of event names, got {_describe(events)}")
+
+    reload_every = check.duration(raw, "reload_every", "", "2s", zero_ok=True)
     return Config(path=path, database=database, policies=policies, broker=broker, equity=equity,
-                  http=dict(raw.get("http") or {}), notify=dict(raw.get("notify") or {}), reload_every=reload_every)
+                  http=http, notify=notify, reload_every=reload_every)

@@ -7,26 +7,65 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 _context: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar("fund_agent_log_context",
                                                                                    default=None)
 _secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_pattern: re.Pattern[str] | None = None
 
 
 def register_secret(value: str) -> None:
-    """Any log line containing this value shows *** instead. Short values are ignored (too many false hits)."""
+    """Any log line containing this value shows *** instead. Short values are ignored (too many false hits).
+
+    The value is also recognised URL-encoded (quote / quote_plus, any hex case, any mix of raw and escaped
+    characters) and in its repr / JSON-escaped forms, so that a secret with spaces or special characters is
+    redacted wherever a URL, an exception message or a repr carried it."""
+    global _pattern
     if value and len(value) >= 6:
-        _secrets.add(value)
+        with _secrets_lock:
+            if value not in _secrets:
+                _secrets.add(value)
+                _pattern = None
+
+
+def _char_pattern(char: str) -> str:
+    """A character, raw or percent-encoded (UTF-8, either hex case); a space may also be '+'."""
+    escaped = "".join(f"(?i:%{b:02X})" for b in char.encode("utf-8", "surrogatepass"))
+    options = [re.escape(char), escaped]
+    if char == " ":
+        options.append(r"\+")
+    return "(?:" + "|".join(options) + ")"
+
+
+def _secret_pattern(secret: str) -> str:
+    forms = ["".join(_char_pattern(c) for c in secret)]
+    for escaped in (repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]):
+        if escaped != secret:
+            forms.append(re.escape(escaped))
+    return "|".join(forms)
+
+
+def _compiled() -> re.Pattern[str] | None:
+    global _pattern
+    with _secrets_lock:
+        if _pattern is None and _secrets:
+            # longest first: a secret that contains another is replaced whole
+            ordered = sorted(_secrets, key=len, reverse=True)
+            _pattern = re.compile("|".join(f"(?:{_secret_pattern(s)})" for s in ordered))
+        return _pattern
 
 
 def redact(text: str) -> str:
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+    pattern = _compiled()
+    if pattern is None or not text:
+        return text
+    return pattern.sub("***", text)
 
 
 @contextlib.contextmanager
@@ -49,22 +88,26 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": redact(record.getMessage()),
-            **(_context.get() or {}),
+            **{k: redact(v) if isinstance(v, str) else v for k, v in (_context.get() or {}).items()},
         }
         if record.exc_info:
             body["exception"] = redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            body["stack"] = redact(self.formatStack(record.stack_info))
         return json.dumps(body, default=str)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ctx = " ".join(f"{k}={v}" for k, v in (_context.get() or {}).items())
+        ctx = redact(" ".join(f"{k}={v}" for k, v in (_context.get() or {}).items()))
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
         line = f"{stamp} {record.levelname:<7} {record.name}: {redact(record.getMessage())}"
         if ctx:
             line += f"  [{ctx}]"
         if record.exc_info:
             line += "\n" + redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            line += "\n" + redact(self.formatStack(record.stack_info))
         return line
 
 

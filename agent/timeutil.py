@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 _DURATION = re.compile(r"^([0-9]+)(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_DAYS = 3650  # ten years: anything longer is a typo, and a far longer one overflows timedelta
 
 
 class DurationError(ValueError):
@@ -16,13 +17,20 @@ class DurationError(ValueError):
 
 
 def parse_duration(text: object) -> timedelta:
-    """'30s', '15m', '2h', '1d' -> timedelta. Anything else is an error, including bare numbers."""
+    """'30s', '15m', '2h', '1d' -> timedelta, at most 3650d. Anything else is a DurationError (never
+    OverflowError), including bare numbers."""
     if not isinstance(text, str):
         raise DurationError(f"bad duration {text!r}: write it as a string like 30s, 15m, 2h or 1d")
+    if len(text) > 40:
+        raise DurationError(f"bad duration {text[:20]!r}...: expected a number and a unit s, m, h or d (e.g. 30s)")
     match = _DURATION.match(text.strip())
     if not match:
         raise DurationError(f"bad duration {text!r}: expected a number and a unit s, m, h or d (e.g. 30s)")
-    return timedelta(seconds=int(match.group(1)) * _UNIT[match.group(2)])
+    digits = match.group(1).lstrip("0") or "0"
+    seconds = int(digits) * _UNIT[match.group(2)] if len(digits) <= 12 else None
+    if seconds is None or seconds > MAX_DURATION_DAYS * 86400:
+        raise DurationError(f"duration {text.strip()!r} is too long: at most {MAX_DURATION_DAYS}d")
+    return timedelta(seconds=seconds)
 
 
 def fmt_duration(delta: timedelta) -> str:

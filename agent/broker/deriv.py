@@ -3,7 +3,10 @@
 - every request gets an integer req_id unique in this process (never reused across connections or clients, so a
   late reply can only ever match its own request) and is validated against Deriv's send schema;
 - a reader thread matches replies by req_id and fails every waiting request when the socket closes;
-- every reply is checked against the receive schema before it is believed;
+- every reply is believed only when it is consistent (`_check`): exactly one of `error` or the call's result,
+  msg_type and echo_req naming this call and this req_id, a well-formed error code, the receive schema; the
+  values the agent acts on (transaction ids, balances, statement rows) are range-checked too. Anything else is
+  BadReply: the outcome is unknown, never "nothing moved";
 - `ping` keeps the connection alive; a lost connection is re-opened with backoff and re-authorized on the
   next call (never silently: a request in flight when it dropped ends as LostReply);
 - every error raised before a request's frame is handed to the socket (connect, authorize, schema, send) carries
@@ -15,10 +18,12 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cache
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -26,7 +31,7 @@ import websocket
 
 from agent import money
 from agent.broker import schemas
-from agent.broker.errors import BadReply, BrokerError, LostReply, NotSent
+from agent.broker.errors import AGENT_ONLY_CODES, BadReply, BrokerError, LostReply, NotSent
 from agent.crash import crash_point
 
 log = logging.getLogger("agent.broker")
@@ -42,6 +47,60 @@ _REQ_IDS_LOCK = threading.Lock()
 def _next_req_id() -> int:
     with _REQ_IDS_LOCK:
         return next(_REQ_IDS)
+
+
+# What a believable reply carries (see DerivClient._check)
+MAX_ID = 2**63 - 1  # ids are SQLite INTEGERs: a larger one could never be stored
+MAX_AMOUNT = 10**15  # |balance|, |amount|, |balance_after| at or above it is absurd
+MAX_TIME = 2**41  # transaction_time, epoch seconds
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_]{1,64}")
+_CURRENCY = re.compile(r"[A-Za-z]{3,12}")
+_LOGINID = re.compile(r"[A-Z]{2,4}[0-9]{1,10}")
+_WORD = re.compile(r"[A-Za-z0-9_]{1,40}")
+# keys of the v3 envelope, present on errors and results alike
+_ENVELOPE = frozenset({"echo_req", "msg_type", "req_id", "passthrough", "subscription"})
+_KNOWN_CALLS = frozenset(schemas.KNOWN_CALLS)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    return _is_int(value) and 1 <= value <= MAX_ID
+
+
+def _is_amount(value: Any) -> bool:
+    """An exact, finite number of plausible size (never a float, never a bool)."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return False
+    elif not _is_int(value):
+        return False
+    return -MAX_AMOUNT < value < MAX_AMOUNT  # exact comparisons: no Decimal context, no overflow
+
+
+def _shown(value: Any) -> str:
+    """A reply value fit for a message: a short plain word as itself, anything else by its type only."""
+    if isinstance(value, str) and _WORD.fullmatch(value):
+        return repr(value)
+    if _is_int(value) and -MAX_ID <= value <= MAX_ID:
+        return str(value)
+    return f"<{type(value).__name__}>"
+
+
+def _clean(text: str, secret: str | None = None, limit: int = 300) -> str:
+    """One printable line, the token never in it."""
+    if secret:
+        text = text.replace(secret, "<token>")
+    return "".join(ch if ch.isprintable() else " " for ch in text)[:limit]
+
+
+@cache
+def _result_keys(call: str) -> frozenset[str]:
+    """The keys only a successful reply to `call` carries (its result and, for transfers, the txn id)."""
+    properties = schemas.validator(call, "receive").schema.get("properties") or {}
+    return frozenset(properties) - _ENVELOPE | {call}
 
 
 @dataclass(frozen=True)
@@ -89,6 +148,7 @@ class DerivClient:
         self._failures = 0
         self._next_attempt = 0.0
         self.reconnects = 0
+        self.unmatched_replies = 0  # replies whose req_id is not an int: ignored, the first one logged
 
     # ---- connection ----
 
@@ -209,14 +269,24 @@ class DerivClient:
         if not isinstance(reply, dict):
             log.error("broker sent a JSON value that is not an object; ignored")
             return
+        # never log the frame, nor a value taken from it: an authorize reply's echo_req may carry the token
         req_id = reply.get("req_id")
+        if not _is_int(req_id):
+            self.unmatched_replies += 1
+            if self.unmatched_replies == 1:
+                log.warning("broker sent a reply whose req_id is %s, not an integer; ignored (further ones are "
+                            "counted, not logged)", "missing" if req_id is None else type(req_id).__name__)
+            else:
+                log.debug("another reply without an integer req_id; ignored")
+            return
         with self._lock:
             if self._ws is not ws:
-                log.warning("reply with req_id %r on a dropped connection; ignored", req_id)
+                log.warning("reply with req_id %s on a dropped connection; ignored", _shown(req_id))
                 return
-            waiter = self._waiters.pop(req_id, None) if isinstance(req_id, int) else None
+            waiter = self._waiters.pop(req_id, None)
         if waiter is None:
-            log.warning("reply with req_id %r matches no waiting request (late or unsolicited); ignored", req_id)
+            log.warning("reply with req_id %s matches no waiting request (late or unsolicited); ignored",
+                        _shown(req_id))
             return
         waiter.reply = reply
         waiter.event.set()
@@ -283,26 +353,132 @@ class DerivClient:
         if waiter.error is not None:
             raise waiter.error
         assert waiter.reply is not None
-        return self._check(call, waiter.reply)
+        return self._check(call, waiter.reply, req_id, secret=self._token)
 
     def _forget(self, req_id: int) -> None:
         with self._lock:
             self._waiters.pop(req_id, None)
 
     @staticmethod
-    def _check(call: str, reply: dict[str, Any]) -> dict[str, Any]:
-        if "error" in reply:
+    def _check(call: str, reply: Any, req_id: int | None = None, *, secret: str | None = None) -> dict[str, Any]:
+        """Believe a reply only when it is consistent; raise the broker's error only when that is well-formed.
+
+        - exactly one of `error` or the call's result key (an error frame carrying any success field, or a frame
+          with neither, proves nothing);
+        - msg_type is the call's, on errors too (Deriv echoes the call name); echo_req, when present, names this
+          call and no other, and this req_id;
+        - an error's code is a plain word (at most 64 of [A-Za-z0-9_]) and not one of the agent's own codes;
+        - a result passes Deriv's receive schema.
+        Anything else is BadReply (outcome unknown, never nothing-moved). Messages are one line, never a reply
+        body, never the token.
+        """
+
+        def bad(why: str) -> BadReply:
+            return BadReply(_clean(f"{call} reply {why}", secret))
+
+        if not isinstance(reply, dict):
+            raise bad("is not an object")
+        if call not in _KNOWN_CALLS:
+            raise bad("is for a call the client does not know")
+        top_id = reply.get("req_id")
+        if "req_id" in reply and not _is_int(top_id):
+            raise bad(f"has a req_id that is {_shown(top_id)}, not an integer")
+        if req_id is not None and top_id != req_id:
+            raise bad(f"has req_id {_shown(top_id)}, not {req_id}")
+        msg_type = reply.get("msg_type")
+        if not (isinstance(msg_type, str) and msg_type == call):
+            raise bad(f"has msg_type {_shown(msg_type)}")
+        if "echo_req" in reply:
+            echo = reply["echo_req"]
+            if not isinstance(echo, dict):
+                raise bad("has an echo_req that is not an object")
+            named = [key for key in echo if key in _KNOWN_CALLS]
+            if named != [call]:
+                raise bad(f"echoes a request for {', '.join(_shown(k) for k in named) or 'no known call'}")
+            if "req_id" in echo:
+                echoed = echo["req_id"]
+                expected = req_id if req_id is not None else top_id
+                if not _is_int(echoed) or (expected is not None and echoed != expected):
+                    raise bad(f"echoes req_id {_shown(echoed)}, not {_shown(expected)}")
+        has_error = "error" in reply
+        has_result = call in reply
+        if has_error and has_result:
+            raise bad("carries both an error and a result")
+        if not has_error and not has_result:
+            raise bad("carries neither an error nor a result")
+        if has_error:
+            extra = sorted(k for k in reply if isinstance(k, str) and k in _result_keys(call))
+            if extra:
+                raise bad(f"carries an error and a result field ({', '.join(extra)})")
             error = reply["error"]
-            if not isinstance(error, dict) or not isinstance(error.get("code"), str):
-                raise BadReply(f"{call} error reply without a code")
+            if not isinstance(error, dict):
+                raise bad("has an error that is not an object")
+            code = error.get("code")
+            if not (isinstance(code, str) and _ERROR_CODE.fullmatch(code)):
+                raise bad("has an error without a well-formed code")
+            if code in AGENT_ONLY_CODES:
+                raise bad(f"has the agent's own error code {code}")
             message = error.get("message")
-            raise BrokerError(error["code"], str(message) if isinstance(message, str) else "")
-        if reply.get("msg_type") != call:
-            raise BadReply(f"{call} reply has msg_type {reply.get('msg_type')!r}")
-        bad = schemas.problems(call, "receive", reply)
-        if bad:
-            raise BadReply(f"{call} reply fails Deriv's receive schema: {'; '.join(bad[:3])}")
+            raise BrokerError(code, _clean(message, secret) if isinstance(message, str) else "")
+        try:
+            bad_fields = schemas.problems(call, "receive", reply)
+        except Exception as exc:  # noqa: BLE001 - a value the validator cannot even compare is not believed
+            raise bad(f"cannot be checked against Deriv's receive schema ({type(exc).__name__})") from None
+        if bad_fields:
+            raise bad(f"fails Deriv's receive schema: {'; '.join(bad_fields[:3])}")
         return reply
+
+    @staticmethod
+    def _transaction_id(call: str, reply: dict[str, Any]) -> int:
+        """The binary_transaction_id of a checked transfer reply: success exactly 1, id a positive 64-bit int."""
+        success = reply.get(call)
+        if not (_is_int(success) and success == 1):
+            raise BadReply(f"{call} reply without success")
+        txn = reply.get("binary_transaction_id")
+        if not _is_id(txn):
+            raise BadReply(f"{call} reply has binary_transaction_id {_shown(txn)}, not an integer in "
+                           f"1..{MAX_ID}")
+        return txn
+
+    @staticmethod
+    def _balance_of(reply: dict[str, Any], loginid: str | None = None) -> tuple[Decimal, str]:
+        body = reply.get("balance")
+        if not isinstance(body, dict):
+            raise BadReply("balance reply without a balance")
+        value = body.get("balance")
+        if not _is_amount(value) or value < 0:
+            raise BadReply(f"balance reply has balance {_shown(value)}: not a plausible amount")
+        currency = body.get("currency")
+        if not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
+            raise BadReply(f"balance reply has currency {_shown(currency)}: not a currency code")
+        if loginid and body.get("loginid") != loginid:
+            shown = body.get("loginid")
+            shown = repr(shown) if isinstance(shown, str) and _LOGINID.fullmatch(shown) else _shown(shown)
+            raise BadReply(f"balance reply is for {shown}, not {loginid}")
+        return Decimal(value), currency
+
+    @staticmethod
+    def _rows_of(reply: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every row checked: one malformed row makes the whole reply BadReply (never dropped silently)."""
+        body = reply.get("statement")
+        if not isinstance(body, dict):
+            raise BadReply("statement reply without a statement")
+        rows = body.get("transactions")
+        if not isinstance(rows, list):
+            raise BadReply("statement reply without transactions")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise BadReply(f"statement row {i} is not an object")
+            if not _is_id(row.get("transaction_id")):
+                raise BadReply(f"statement row {i} has transaction_id {_shown(row.get('transaction_id'))}, "
+                               f"not an integer in 1..{MAX_ID}")
+            for key in ("amount", "balance_after"):
+                if not _is_amount(row.get(key)):
+                    raise BadReply(f"statement row {i} has {key} {_shown(row.get(key))}: not a plausible amount")
+            when = row.get("transaction_time")
+            if not (_is_int(when) and 0 <= when < MAX_TIME):
+                raise BadReply(f"statement row {i} has transaction_time {_shown(when)}: not a plausible time")
+        return rows
 
     # ---- the calls fund-agent uses ----
 
@@ -312,19 +488,10 @@ class DerivClient:
             # always named: right after a reconnect the session is not known yet when the request is built,
             # and without `account` Deriv answers for the token's default account
             request["account"] = loginid
-        body = self.call(request).get("balance")
-        if not isinstance(body, dict) or not isinstance(body.get("balance"), (int, Decimal)):
-            raise BadReply("balance reply without a balance")
-        if loginid and body.get("loginid") != loginid:
-            raise BadReply(f"balance reply is for {body.get('loginid')!r}, not {loginid}")
-        return Decimal(body["balance"]), str(body.get("currency", ""))
+        return self._balance_of(self.call(request), loginid)
 
     def _transfer(self, request: dict[str, Any], call: str, timeout: float | None) -> int:
-        reply = self.call(request, timeout)
-        txn = reply.get("binary_transaction_id")
-        if reply.get(call) != 1 or not isinstance(txn, int) or isinstance(txn, bool):
-            raise BadReply(f"{call} reply without success and a binary_transaction_id")
-        return txn
+        return self._transaction_id(call, self.call(request, timeout))
 
     def mt5_deposit(self, from_binary: str, to_mt5: str, amount: Decimal, timeout: float | None = None) -> int:
         """Top-up. Returns the broker's binary_transaction_id."""
@@ -345,11 +512,7 @@ class DerivClient:
             request["action_type"] = action_type
         if loginid:
             request["loginid"] = loginid  # always named, as in balance(): never the token's default by accident
-        body = self.call(request).get("statement") or {}
-        rows = body.get("transactions")
-        if not isinstance(rows, list):
-            raise BadReply("statement reply without transactions")
-        return rows
+        return self._rows_of(self.call(request))
 
     def website_status(self) -> dict[str, Any]:
         return self.call({"website_status": 1}).get("website_status") or {}

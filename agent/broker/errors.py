@@ -12,6 +12,9 @@ NOTHING_MOVED = frozenset({
     # the agent's own: the request never left this process
     "NotSent",
 })
+# The agent's own codes that prove nothing moved: a broker reply carrying one is not believed (BadReply), or a
+# malformed frame could pass for the client's proof that the request never left.
+AGENT_ONLY_CODES = frozenset({"NotSent"})
 # Codes that need an operator rather than a retry: the token or the account set-up is wrong.
 NEEDS_OPERATOR = frozenset({"InvalidToken", "PermissionDenied", "InvalidAppID", "InvalidLoginid",
                             "AuthorizationRequired", "MissingScope"})

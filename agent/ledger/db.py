@@ -3,26 +3,81 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
-# The newest migration. Checked against migrations/ by a test; lets a ledger that is already current open
-# without importing Alembic (a third of the start-up time of every command).
-HEAD = "0003"
+# Every migration this build ships, oldest first, and the newest. Checked against migrations/ by a test; lets a
+# ledger that is already current open without importing Alembic (a third of the start-up time of every command),
+# and a ledger written by a newer fund-agent be refused before anything reads or copies it.
+KNOWN = ("0001", "0002", "0003")
+HEAD = KNOWN[-1]
 READ_ONLY_OPTION = "fund_agent_read_only"
 
 
 class LedgerError(Exception):
-    pass
+    """A ledger that cannot be used: the message is one line for the operator (a path and a reason, no SQL)."""
+
+
+def describe(url: str) -> str:
+    """The ledger as the operator knows it: the file's path, or the URL without its password."""
+    path = sqlite_path(url)
+    if path is not None:
+        return str(path)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is named by its scheme only
+        return url.split(":", 1)[0] + ":..."
+
+
+def db_reason(exc: BaseException) -> str:
+    """The database's own one-line reason for a failure: never the SQL, its parameters or a link."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else (getattr(exc, "strerror", None) or type(exc).__name__)
+    return " ".join(text.split()) or type(orig if orig is not None else exc).__name__
+
+
+@contextmanager
+def using(url: str) -> Iterator[None]:
+    """Opening the ledger: a database or file-system failure becomes a LedgerError naming the ledger."""
+    try:
+        yield
+    except DBAPIError as exc:
+        path = sqlite_path(url)
+        reason = "it is a directory, not a file" if path is not None and path.is_dir() else db_reason(exc)
+        raise LedgerError(f"cannot use the ledger {describe(url)}: {reason}") from exc
+    except OSError as exc:
+        raise LedgerError(f"cannot use the ledger {describe(url)}: {db_reason(exc)}") from exc
+
+
+def is_newer(revision: str | None) -> bool:
+    """A revision this build does not know and that is not an older number: a newer fund-agent wrote it."""
+    if revision is None or revision in KNOWN:
+        return False
+    return not (revision.isdigit() and int(revision) < int(HEAD))
+
+
+def check_known(url: str, revision: str | None, backup: Path | None = None) -> None:
+    """Refuse a ledger at a revision this build does not know: one migrated by a newer fund-agent (this build
+    cannot know what its schema means), or an unknown older one (no migration starts from it)."""
+    if revision is None or revision in KNOWN:
+        return
+    if is_newer(revision):
+        raise LedgerError(f"the ledger {describe(url)} is at schema revision {revision}, which this fund-agent "
+                          f"does not know (it knows up to {HEAD}): upgrade fund-agent")
+    copy = f" (a copy of it: {backup})" if backup is not None else ""
+    raise LedgerError(f"the ledger {describe(url)} is at schema revision {revision}, which no migration of this "
+                      f"fund-agent starts from: repair it by hand{copy}")
 
 
 def migrations_dir() -> Path:
@@ -95,42 +150,53 @@ def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         try:
             versions = [row[0] for row in conn.execute(text("SELECT version_num FROM alembic_version"))]
-        except OperationalError:  # no alembic_version table: an empty (or foreign) database
-            return None
+        except OperationalError as exc:  # no alembic_version table: an empty (or foreign) database
+            if "no such table" in str(exc.orig):
+                return None
+            raise
     if len(versions) > 1:
         raise LedgerError(f"the ledger has several migration heads ({', '.join(versions)}): repair it by hand")
     return versions[0] if versions else None
 
 
 def upgrade(url: str, now: datetime | None = None) -> tuple[str | None, str | None, Path | None]:
-    """Bring the ledger to the newest schema. Copies an existing SQLite file first. Returns (from, to, backup)."""
-    engine = make_engine(url)
-    try:
-        before = current_revision(engine)
-        if before == HEAD:
-            return before, before, None
-        head = head_revision()
-        backup = None
-        path = sqlite_path(url)
-        if before is not None and before != head and path is not None and path.exists():
-            stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-            backup = path.with_name(f"{path.name}.bak-{before}-{stamp}")
-            raw = engine.raw_connection()  # checkpoint (outside a transaction) so the copy holds everything
-            try:
-                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                raw.close()
-            shutil.copy2(path, backup)
-        if before != head:
-            from alembic import command
+    """Bring the ledger to the newest schema. Copies an existing SQLite file first. Returns (from, to, backup).
+    A ledger at a revision this build does not know is refused (LedgerError) before anything is copied."""
+    with using(url):
+        engine = make_engine(url)
+        try:
+            return _upgrade(url, engine, now)
+        finally:
+            engine.dispose()
 
-            cfg = alembic_config(url)
-            with engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-        return before, head, backup
-    finally:
-        engine.dispose()
+
+def _upgrade(url: str, engine: Engine, now: datetime | None) -> tuple[str | None, str | None, Path | None]:
+    before = current_revision(engine)
+    if before == HEAD:
+        return before, before, None
+    if is_newer(before):  # refused before anything is copied: a copy per attempt would only pile up
+        check_known(url, before)
+    head = head_revision()
+    backup = None
+    path = sqlite_path(url)
+    if before is not None and before != head and path is not None and path.exists():
+        stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+        backup = path.with_name(f"{path.name}.bak-{before}-{stamp}")
+        raw = engine.raw_connection()  # checkpoint (outside a transaction) so the copy holds everything
+        try:
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
+        shutil.copy2(path, backup)
+    check_known(url, before, backup)  # an unknown older revision: fails loudly, the copy kept, nothing rewritten
+    if before != head:
+        from alembic import command
+
+        cfg = alembic_config(url)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    return before, head, backup
 
 
 class Ledger:
@@ -138,7 +204,8 @@ class Ledger:
 
     def __init__(self, url: str, readonly: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url, readonly=readonly)
+        with using(url):
+            self.engine = make_engine(url, readonly=readonly)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY_OPTION: True}),
                                     expire_on_commit=False)
@@ -155,7 +222,14 @@ class Ledger:
         if path is not None and not path.exists():
             return None
         ledger = cls(url, readonly=path is not None)
-        if current_revision(ledger.engine) is None:
+        try:
+            with using(url):
+                revision = current_revision(ledger.engine)
+            check_known(url, revision)
+        except BaseException:
+            ledger.close()
+            raise
+        if revision is None:
             ledger.close()
             return None
         return ledger
