@@ -35,6 +35,7 @@ from agent.ledger.db import Ledger, sqlite_path
 from agent.policy.evaluate import Decision
 from agent.policy.load import Problem, load_policies, policy_files
 from agent.policy.model import Policy
+from agent.safe_io import UnsafeInput, read_small_file
 from agent.timeutil import Clock
 
 log = logging.getLogger("agent.service")
@@ -142,7 +143,9 @@ class Service:
             if secret is None:
                 raise ConfigError(f"environment variable {env} is not set: it must hold the EA intake secret")
             logs.register_secret(secret)
-        self.http = HttpApi(listen, self.health, self.metrics, intake, secret)
+        # a status for a login no policy manages is refused (404) and counted, never stored
+        self.http = HttpApi(listen, self.health, self.metrics, intake, secret,
+                            managed=lambda: {p.mt5_digits for p in self.policies.values()})
         self.http.start()
         log.info("http endpoint on %s:%d (/healthz, /metrics%s)", listen[0], self.http.port,
                  ", POST /status" if secret else "")
@@ -171,8 +174,9 @@ class Service:
             digests = {}
             for path in files:
                 try:
-                    digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-                except OSError:
+                    # bounded, regular files only: a FIFO or /dev/zero swapped in never blocks the reload
+                    digests[str(path)] = hashlib.sha256(read_small_file(path, 1 << 20)).hexdigest()
+                except (OSError, UnsafeInput):
                     digests[str(path)] = "unreadable"
             if not initial and digests == self.file_digests:
                 return False
