@@ -50,7 +50,9 @@ def transfers(ledger):
     Fault("mt5_deposit", "error_after_apply", code="WrongResponse"),
     Fault("mt5_deposit", "error_after_apply", code="MT5TransferSuspension"),
     Fault("mt5_deposit", "malformed"),
-    Fault("mt5_deposit", "delay_reply", delay=1.0),
+    # 0.7 s: past the client's 0.5 s timeout, yet the fake (one message at a time per connection) answers the
+    # reconciler's statement request well within its own 0.5 s (1.0 s raced it on a loaded machine)
+    Fault("mt5_deposit", "delay_reply", delay=0.7),
 ], ids=lambda f: f"{f.mode}-{f.code}")
 def test_applied_but_unproven_is_unknown_then_confirmed_from_the_statement(rig, fake, fault):
     make, ledger = rig
