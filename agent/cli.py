@@ -13,7 +13,7 @@ import click
 from agent import output
 from agent.config import Config, ConfigError, find_config, load_config
 from agent.logs import redact
-from agent.policy.load import Problem, load_policies, load_policy_file, policy_files
+from agent.policy.load import Problem, load_policies, policy_files
 from agent.policy.warnings import DEFAULT_BROKER, broker_warnings
 from agent.timeutil import parse_iso
 
@@ -53,31 +53,22 @@ def _policies(config: Config, required: bool = False) -> tuple[list[Any], list[P
                 click.echo(str(problem), err=True)
         raise Failure(f"no policy found in {config.policies}: nothing to evaluate")
     problems: list[Problem | str] = list(found)
-    duplicated = _duplicated_accounts(files, policies, found)
+    duplicated = _duplicated_accounts(found)
     for account, paths in sorted(duplicated.items()):
         problems.append(f"{account}: skipped: {len(paths)} policy files manage it ({', '.join(paths)}); "
                         "keep one file per MT5 account")
     return [p for p in policies if p.mt5 not in duplicated], problems
 
 
-def _duplicated_accounts(files: list[Path], policies: list[Any], problems: list[Problem]) -> dict[str, list[str]]:
-    """Accounts named by more than one policy file, with those files. load_policies keeps the first file and
-    reports the others as problems: a reported regular file that loads on its own was left out for its account
-    (whatever the problem's wording), so that account is duplicated."""
+def _duplicated_accounts(problems: list[Problem]) -> dict[str, list[str]]:
+    """Accounts named by more than one policy file, with those files (load_policies marks the problems)."""
     named: dict[str, list[str]] = {}
-    for policy in policies:
-        named.setdefault(policy.mt5, []).append(str(policy.path))
-    loaded = {str(policy.path) for policy in policies}
-    reported = {str(problem.path) for problem in problems}
-    for path in files:
-        if str(path) in loaded or str(path) not in reported or not path.is_file():
-            continue
-        try:
-            account = load_policy_file(path).mt5
-        except Exception:  # noqa: BLE001 - a file broken on its own is reported by its own problems
-            continue
-        named.setdefault(account, []).append(str(path))
-    return {account: paths for account, paths in named.items() if len(paths) > 1}
+    for problem in problems:
+        if problem.duplicate_of is not None:
+            account, first = problem.duplicate_of
+            paths = named.setdefault(account, [first])
+            paths.append(problem.path)
+    return named
 
 
 def _operator() -> str:

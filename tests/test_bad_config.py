@@ -5,34 +5,17 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, deadline, run_cli
 
 from agent import logs
 from agent.config import ConfigError, load_config
 
 GOOD = "database: sqlite:///ledger.db\npolicies: policies/\nequity:\n  source: simulated\n"
 
-
-@contextmanager
-def deadline(seconds: int = 10):
-    """Fail (instead of hanging the suite) if the body blocks: a FIFO read, a /dev/zero read."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"took more than {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def refused(path: Path) -> str:

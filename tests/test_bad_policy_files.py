@@ -5,33 +5,18 @@ regular files, and policies/ entries that used to be skipped without a word. Eac
 from __future__ import annotations
 
 import os
-import signal
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import deadline, run_cli
 
 from agent.policy.load import PolicyError, Problem, load_policies, load_policy_file, parse_policy, policy_files
 from agent.timeutil import DurationError, parse_duration
 
 BASE = (Path(__file__).parent / "policies" / "good" / "base.yaml").read_text()
 
-
-@contextmanager
-def deadline(seconds: int = 10):
-    def expired(signum, frame):
-        raise TimeoutError(f"took more than {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def problems_of(text: str, path: str = "p.yaml") -> list[str]:

@@ -192,7 +192,7 @@ class SharedFunding(RuleBasedStateMachine):
             if queries.unresolved(session, account):
                 return
             usage = queries.usage(session, account, now)
-            in_flight, _, _ = queries.funding_in_flight(session, FUNDING)
+            in_flight = queries.funding_in_flight(session, FUNDING)
         try:
             balance, _ = self.broker.balance(FUNDING)
         except BrokerError:

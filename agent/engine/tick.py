@@ -162,16 +162,18 @@ class Engine:
         usage = queries.Usage()
         in_flight = Decimal(0)
         unresolved_anywhere = 0
+        needs_broker = snapshot is not None and self.broker is not None and self._needs_broker(policy, snapshot)
         if self.ledger is not None:
             with self.ledger.reader() as session:
                 usage = queries.usage(session, policy.mt5, now)
-                in_flight, _count, _currency = queries.funding_in_flight(session, policy.funding)
-                unresolved_anywhere = queries.unresolved_count(session)
+                if needs_broker and not usage.unresolved:  # an idle tick reads none of this
+                    in_flight = queries.funding_in_flight(session, policy.funding)
+                    unresolved_anywhere = queries.unresolved_count(session)
         funding_balance = None
         limits = BrokerLimits()
         broker_error = None
-        if snapshot is not None and self.broker is not None and self._needs_broker(policy, snapshot) \
-                and not usage.unresolved:
+        if needs_broker and not usage.unresolved:
+            assert self.broker is not None
             try:
                 limits = self.broker_limits(policy.currency)
                 if limits.daily_available is not None and unresolved_anywhere:
@@ -225,24 +227,23 @@ class Engine:
 
     def _execute(self, policy: Policy, outcome: TickOutcome, transfer: Transfer) -> None:
         assert self.ledger is not None
-        if transfer is not None:
-            assert self.broker is not None
-            done = transfers.execute(self.ledger, self.broker, transfer, self.clock)
-            if done.state == "unknown" and self.reconciler is not None:
-                # The broker may have executed it (e.g. MT5TransferSuspension debits first): look it up now.
-                log.warning("%s", self.reconciler.resolve_one(done))
-                with self.ledger.session() as session:
-                    done = session.get(Transfer, done.id) or done
-            outcome.transfer = queries.transfer_record(done)
-            if done.state == "failed" and done.error_code in NEEDS_OPERATOR:
-                # the token or the account set-up is wrong: retrying cannot help; stop and tell a person
-                with self.ledger.session() as session:
-                    queries.add_halt(session, policy.mt5, "operator_needed", f"transfer {done.id} refused: "
-                                     f"{done.error_code}: {done.error_message}", self.clock.now(), "agent",
-                                     scope="all")
-                    session.commit()
-            if done.state == "confirmed":
-                apply = getattr(self.source, "apply_transfer", None)
-                if apply is not None:
-                    sign = 1 if done.kind == "top_up" else -1
-                    apply(policy.mt5, sign * money.from_minor(done.amount_minor, done.currency))
+        assert self.broker is not None
+        done = transfers.execute(self.ledger, self.broker, transfer, self.clock)
+        if done.state == "unknown" and self.reconciler is not None:
+            # The broker may have executed it (e.g. MT5TransferSuspension debits first): look it up now.
+            log.warning("%s", self.reconciler.resolve_one(done))
+            with self.ledger.session() as session:
+                done = session.get(Transfer, done.id) or done
+        outcome.transfer = queries.transfer_record(done)
+        if done.state == "failed" and done.error_code in NEEDS_OPERATOR:
+            # the token or the account set-up is wrong: retrying cannot help; stop and tell a person
+            with self.ledger.session() as session:
+                queries.add_halt(session, policy.mt5, "operator_needed", f"transfer {done.id} refused: "
+                                 f"{done.error_code}: {done.error_message}", self.clock.now(), "agent",
+                                 scope="all")
+                session.commit()
+        if done.state == "confirmed":
+            apply = getattr(self.source, "apply_transfer", None)
+            if apply is not None:
+                sign = 1 if done.kind == "top_up" else -1
+                apply(policy.mt5, sign * money.from_minor(done.amount_minor, done.currency))

@@ -206,9 +206,9 @@ def _record(ledger: Ledger, transfer: Transfer, to: str, clock: Clock, **fields:
     """The broker's answer to our own request. The row is ours and `sent`; if another process moved it to
     `unknown` meanwhile (it should not: it is owned), the answer still settles it. A row already `failed` by
     someone else while the broker executed it is the one thing that must never pass quietly."""
+    expected: str | tuple[str, ...] = "sent" if to == "unknown" else ("sent", "unknown")
     try:
-        return settle(ledger, transfer.id, to, clock.now(), "agent", expected=("sent", "unknown") if to != "unknown"
-                      else "sent", **fields)
+        return settle(ledger, transfer.id, to, clock.now(), "agent", expected=expected, **fields)
     except StateError:
         with ledger.session() as session:
             current = session.get(Transfer, transfer.id)

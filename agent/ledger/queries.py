@@ -207,17 +207,13 @@ def usage(session: Session, account: str, now: datetime) -> Usage:
                  unresolved=blocked, last_transfer=(int(last_moved[0]), last_moved[1]) if last_moved else None)
 
 
-def funding_in_flight(session: Session, funding: str) -> tuple[Decimal, int, str]:
-    """Every unresolved top-up paid from `funding` (pending, sent, unknown), whether or not the broker's balance
-    already shows it: (their sum, their count, the currency). Counted against the funding reserve."""
-    rows = session.execute(
-        select(Transfer.currency, func.count(Transfer.id), func.coalesce(func.sum(Transfer.amount_minor), 0))
-        .where(Transfer.funding == funding, Transfer.kind == "top_up", Transfer.state.in_(UNRESOLVED_STATES))
-        .group_by(Transfer.currency)).all()
-    if not rows:
-        return Decimal(0), 0, ""
-    currency = rows[0][0]
-    return money.from_minor(int(rows[0][2]), currency), int(rows[0][1]), currency
+def funding_in_flight(session: Session, funding: str) -> Decimal:
+    """The sum of every unresolved top-up paid from `funding` (pending, sent, unknown), whether or not the
+    broker's balance already shows it: counted against the funding reserve. (One funding account, one currency.)"""
+    row = session.execute(
+        select(func.min(Transfer.currency), func.coalesce(func.sum(Transfer.amount_minor), 0))
+        .where(Transfer.funding == funding, Transfer.kind == "top_up", Transfer.state.in_(UNRESOLVED_STATES))).one()
+    return money.from_minor(int(row[1]), row[0]) if row[0] is not None else Decimal(0)
 
 
 def unresolved_count(session: Session) -> int:

@@ -59,6 +59,8 @@ class Problem:
     path: str
     line: int  # 0: the problem is with the file as a whole (FILE: message)
     message: str
+    # set on "two files name this MT5 account": callers put that account in force under neither file
+    duplicate_of: tuple[str, str] | None = None  # (account, the first file that names it)
 
     def __str__(self) -> str:
         if self.line <= 0:
@@ -670,7 +672,7 @@ def load_policies(paths: list[Path]) -> tuple[list[Policy], list[Problem]]:
             first = seen[policy.mt5]
             problems.append(Problem(policy.path, policy.lines.get("account.mt5", 1),
                                     f"account.mt5: {policy.mt5} is already managed by {first.path}; "
-                                    "one file per MT5 account"))
+                                    "one file per MT5 account", duplicate_of=(policy.mt5, first.path)))
             continue
         seen[policy.mt5] = policy
         policies.append(policy)
