@@ -1,0 +1,1 @@
+"""Audit: the hash chain, verify (chain, invariants, against the broker), reports."""

@@ -1,0 +1,6 @@
+"""The command line of CONTRACT.md section 4: `commands` holds the group and the first commands; each later
+command group has a module of its own here and registers itself on the group below."""
+
+from agent.cli.commands import cli, main
+
+__all__ = ["cli", "main"]
