@@ -1,0 +1,254 @@
+"""`fund-agent verify`: recompute the hash chain and check the ledger's invariants; and the ledger against the
+broker's statement (both directions).
+
+Problems are `table id N: what is wrong` lines. The chain pass streams each table in id order beside its links
+(no row is held in memory beyond one batch), so a ledger of millions of rows verifies in one pass per table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from sqlalchemy.orm import Session
+
+from agent import money
+from agent.audit import chain as chainmod
+from agent.ledger.models import AuditChainEntry, AuditCheckpoint, AuditHead, Transfer, TransferEvent
+
+# The transfer aggregate's transitions (agent/engine/transfers.py ALLOWED), repeated here so that the auditor's
+# check does not import the engine: a change there must be a deliberate change here.
+ALLOWED = {
+    "pending": {"sent", "failed"},
+    "sent": {"confirmed", "failed", "unknown"},
+    "unknown": {"confirmed", "failed"},
+}
+PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    order: tuple[int, int]  # (seq of the link it concerns, or a large number for rows with no link; row id)
+    table: str
+    row_id: int
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.table} id {self.row_id}: {self.what}"
+
+
+@dataclass
+class Result:
+    rows: int
+    head: str
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+NO_LINK = 2**62
+
+
+def _paged(conn: Connection, query: Any, key: Any) -> Iterator[Any]:
+    """Rows of `query` in `key` order, fetched a page at a time (keyset): memory stays flat on big ledgers."""
+    last = None
+    while True:
+        page_query = query if last is None else query.where(key > last)
+        rows = conn.execute(page_query.limit(PAGE)).all()
+        yield from rows
+        if len(rows) < PAGE:
+            return
+        last = rows[-1][0]
+
+
+def _links(conn: Connection, kind: chainmod.Kind) -> Iterator[Any]:
+    query = (select(AuditChainEntry.row_id, AuditChainEntry.seq, AuditChainEntry.chain, AuditChainEntry.content_hash)
+             .where(AuditChainEntry.source == kind.source, AuditChainEntry.action == kind.action)
+             .order_by(AuditChainEntry.row_id))
+    return _paged(conn, query, AuditChainEntry.row_id)
+
+
+def check_contents(conn: Connection, journal_base: int) -> list[Problem]:
+    """Every chained row still encodes to its link's content hash, has a link, and every link has its row."""
+    problems: list[Problem] = []
+    for kind in chainmod.KINDS:
+        rows = _paged(conn, chainmod.select_rows(kind, conn.dialect.name), chainmod.id_column(kind))
+        links = _links(conn, kind)
+        row = next(rows, None)
+        entry = next(links, None)
+        what = "cleared" if kind.action == "clear" else "row"
+        while row is not None or entry is not None:
+            if entry is None or (row is not None and row[0] < entry[0]):
+                assert row is not None
+                problems.append(Problem((NO_LINK, row[0]), kind.source, row[0],
+                                        f"{'clearing ' if kind.action == 'clear' else ''}not in the hash chain "
+                                        "(written behind the agent's back)"))
+                row = next(rows, None)
+            elif row is None or entry[0] < row[0]:
+                seq = int(entry[1])
+                if not (kind.source == "decisions" and entry[2] == "journal" and seq <= journal_base):
+                    problems.append(Problem((seq, entry[0]), kind.source, entry[0],
+                                            f"{what} chained at seq {seq} is missing (deleted)"))
+                entry = next(links, None)
+            else:
+                chain, content = chainmod.encode_row(kind, row)
+                if content != entry[3] or chain != entry[2]:
+                    problems.append(Problem((int(entry[1]), row[0]), kind.source, row[0],
+                                            f"{what} differs from what was chained at seq {entry[1]} (edited)"))
+                row = next(rows, None)
+                entry = next(links, None)
+    return problems
+
+
+def check_links(conn: Connection) -> tuple[int, dict[str, str], int, list[Problem]]:
+    """Walk the links in seq order: each follows its chain's previous link and hashes right. Returns (links,
+    heads, journal base seq, problems)."""
+    problems: list[Problem] = []
+    checkpoint = conn.execute(select(AuditCheckpoint.journal_seq, AuditCheckpoint.journal_hash)
+                              .order_by(AuditCheckpoint.id.desc()).limit(1)).first()
+    base_seq, base_hash = (int(checkpoint[0]), checkpoint[1]) if checkpoint else (0, chainmod.GENESIS)
+    heads = {"ledger": chainmod.GENESIS, "journal": base_hash}
+    count = 0
+    query = select(AuditChainEntry.seq, AuditChainEntry.chain, AuditChainEntry.content_hash,
+                   AuditChainEntry.prev_hash, AuditChainEntry.hash).order_by(AuditChainEntry.seq)
+    for seq, chain, content, prev, digest in _paged(conn, query, AuditChainEntry.seq):
+        count += 1
+        if chain not in heads:
+            problems.append(Problem((seq, seq), "audit_chain", seq, f"unknown chain {chain!r}"))
+            continue
+        if chain == "journal" and seq <= base_seq:
+            problems.append(Problem((seq, seq), "audit_chain", seq, "a journal link before the prune checkpoint"))
+            continue
+        if prev != heads[chain]:
+            problems.append(Problem((seq, seq), "audit_chain", seq,
+                                    f"does not follow the previous {chain} link (a link was removed or inserted)"))
+        if chainmod.link(seq, prev, content) != digest:
+            problems.append(Problem((seq, seq), "audit_chain", seq, "its hash does not match its content (edited)"))
+        heads[chain] = digest
+    stored = {r[0]: r[1] for r in conn.execute(select(AuditHead.chain, AuditHead.hash))}
+    for chain, digest in heads.items():
+        if stored.get(chain) != digest:
+            problems.append(Problem((NO_LINK, 0), "audit_head", 0,
+                                    f"the {chain} head does not match its last link (links removed at the end)"))
+    return count, heads, base_seq, problems
+
+
+def check_invariants(conn: Connection) -> list[Problem]:
+    problems: list[Problem] = []
+    # every transfer's state is the fold of its events: pending first, allowed steps, the last one is the state
+    transfers = _paged(conn, select(Transfer.id, Transfer.state).order_by(Transfer.id), Transfer.id)
+    events = _paged(conn, select(TransferEvent.id, TransferEvent.transfer_id, TransferEvent.state)
+                    .order_by(TransferEvent.id), TransferEvent.id)
+    folds: dict[int, str | None] = {}
+    for _, transfer_id, state in events:
+        before = folds.get(transfer_id)
+        if before is None and transfer_id in folds:
+            continue  # already broken: reported once
+        if (before is None and state != "pending") or (before is not None and state not in ALLOWED.get(before, ())):
+            problems.append(Problem((NO_LINK, transfer_id), "transfers", transfer_id,
+                                    f"its events go {before or 'nowhere'} -> {state}, which is not allowed"))
+            folds[transfer_id] = None
+            continue
+        folds[transfer_id] = state
+    for transfer_id, state in transfers:
+        if transfer_id not in folds:
+            problems.append(Problem((NO_LINK, transfer_id), "transfers", transfer_id, "has no events"))
+        elif folds[transfer_id] is not None and folds[transfer_id] != state:
+            problems.append(Problem((NO_LINK, transfer_id), "transfers", transfer_id,
+                                    f"state {state} is not the fold of its events ({folds[transfer_id]})"))
+    # no broker transaction linked twice (the UNIQUE constraint says so; a rebuilt table may not)
+    for txn, ids in conn.execute(select(Transfer.broker_txn_id, func.min(Transfer.id))
+                                 .where(Transfer.broker_txn_id.is_not(None)).group_by(Transfer.broker_txn_id)
+                                 .having(func.count(Transfer.id) > 1)):
+        problems.append(Problem((NO_LINK, int(ids)), "transfers", int(ids), f"broker txn {txn} is linked twice"))
+    # sums per account: confirmed transfers against transfers with a confirmed event
+    by_state = {tuple(r[:3]): int(r[3]) for r in conn.execute(
+        select(Transfer.account, Transfer.kind, Transfer.currency, func.sum(Transfer.amount_minor))
+        .where(Transfer.state == "confirmed").group_by(Transfer.account, Transfer.kind, Transfer.currency))}
+    confirmed_ids = select(TransferEvent.transfer_id).where(TransferEvent.state == "confirmed")
+    by_event = {tuple(r[:3]): int(r[3]) for r in conn.execute(
+        select(Transfer.account, Transfer.kind, Transfer.currency, func.sum(Transfer.amount_minor))
+        .where(Transfer.id.in_(confirmed_ids)).group_by(Transfer.account, Transfer.kind, Transfer.currency))}
+    for key in sorted(set(by_state) | set(by_event)):
+        a, b = by_state.get(key, 0), by_event.get(key, 0)
+        if a != b:
+            account, kind, currency = key
+            first = conn.execute(select(func.min(Transfer.id)).where(Transfer.account == account)).scalar_one()
+            problems.append(Problem((NO_LINK, int(first or 0)), "transfers", int(first or 0),
+                                    f"confirmed {kind} of {account} sum to {_fmt(a, currency)} {currency}, but "
+                                    f"their confirmed events to {_fmt(b, currency)}"))
+    return problems
+
+
+def _fmt(minor: int, currency: str) -> str:
+    try:
+        return money.fmt(money.from_minor(minor, currency), currency)
+    except money.MoneyError:
+        return f"{minor} minor units"
+
+
+def head_of(heads: dict[str, str]) -> str:
+    """The one hash an auditor notes: both chains' heads, hashed together."""
+    return chainmod.link(0, heads["ledger"], heads["journal"])
+
+
+def verify(conn: Connection) -> Result:
+    count, heads, base, problems = check_links(conn)
+    problems += check_contents(conn, base)
+    problems += check_invariants(conn)
+    problems.sort(key=lambda p: p.order)
+    return Result(rows=count, head=head_of(heads), problems=problems)
+
+
+# ---- the ledger against the broker ----
+
+def unlinked_statement_rows(session: Session, statement_rows: Sequence[dict[str, Any]], app_id: int,
+                            include_unattributed: bool = False) -> list[dict[str, Any]]:
+    """Transfer rows of a broker statement made by our app_id that no ledger transfer links (money moved that the
+    ledger does not know). With `include_unattributed`, rows that record no app_id count too (Deriv leaves it
+    null on some rows). Row order is kept."""
+    ours = [r for r in statement_rows if r.get("action_type", "transfer") == "transfer"
+            and isinstance(r.get("transaction_id"), int)
+            and (r.get("app_id") == app_id or (include_unattributed and r.get("app_id") is None))]
+    linked: set[int] = set()
+    ids = sorted({int(r["transaction_id"]) for r in ours})
+    for start in range(0, len(ids), chainmod.BATCH):
+        linked.update(session.scalars(select(Transfer.broker_txn_id)
+                                      .where(Transfer.broker_txn_id.in_(ids[start:start + chainmod.BATCH]))))
+    return [r for r in ours if r["transaction_id"] not in linked]
+
+
+def missing_at_broker(confirmed: Sequence[Transfer], statement_rows: Sequence[dict[str, Any]], app_id: int
+                      ) -> list[tuple[Transfer, str]]:
+    """Confirmed transfers that the statement does not show as they are recorded: (transfer, why)."""
+    from agent.engine.reconcile import matches
+
+    by_txn = {r.get("transaction_id"): r for r in statement_rows}
+    missing = []
+    for t in confirmed:
+        row = by_txn.get(t.broker_txn_id)
+        if row is None:
+            missing.append((t, f"txn {t.broker_txn_id} is not in {t.funding}'s statement"))
+        elif not matches({**row, "app_id": row.get("app_id") if row.get("app_id") == app_id else None}, t, app_id):
+            amount = row.get("amount")
+            missing.append((t, f"txn {t.broker_txn_id} at the broker is another transfer (amount {amount}, "
+                               f"{(row.get('from') or {}).get('loginid')} -> {(row.get('to') or {}).get('loginid')})"))
+    return missing
+
+
+def signed(row: dict[str, Any], currency: str | None = None) -> str:
+    """A statement row's signed amount as a decimal string, with the currency's places when known."""
+    amount = row.get("amount")
+    if not isinstance(amount, (Decimal, int)):
+        return str(amount)
+    if currency is not None:
+        try:
+            return money.fmt(Decimal(amount), currency)
+        except money.MoneyError:
+            pass
+    return format(Decimal(amount), "f")
