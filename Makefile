@@ -8,15 +8,23 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/fund-agent demo
 
+# The suite runs twice: on SQLite ledgers, then on PostgreSQL ones (a private cluster the tests start on
+# 127.0.0.1); a machine without the PostgreSQL server binaries skips the second run and says so.
 test: $(BIN)/.installed
 	$(BIN)/ruff check agent tests bench migrations
-	$(BIN)/python -m pytest -q
+	FUND_AGENT_TEST_LEDGER=sqlite $(BIN)/python -m pytest -q
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+		echo "FUND_AGENT_TEST_LEDGER=postgresql $(BIN)/python -m pytest -q"; \
+		FUND_AGENT_TEST_LEDGER=postgresql $(BIN)/python -m pytest -q; \
+	else \
+		echo "make test: PostgreSQL run SKIPPED: no PostgreSQL server binaries (initdb) here; apt-get install postgresql"; \
+	fi
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check agent tests bench migrations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -15,26 +16,32 @@ from typing import Any
 import yaml
 
 from agent import logs
-from agent.policy.load import YamlTooComplex, compose_guarded, construct_guarded, read_limited
+from agent.config_schema import SOURCES, KeyPath, describe, dotted, node_lines, problems_of
+from agent.config_schema import one_line as _one_line
+from agent.policy.load import Problem, YamlTooComplex, compose_guarded, construct_guarded, read_limited
 from agent.safe_io import UnsafeInput
 from agent.timeutil import DurationError, parse_duration
 
 DEFAULT_URL = "wss://ws.derivws.com/websockets/v3"
-SOURCES = ("mt5", "ea-file", "deriv", "simulated")
 MAX_CONFIG_BYTES = 1024 * 1024
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-TOP_KEYS = ("database", "policies", "broker", "equity", "http", "notify", "reload_every")
+TOP_KEYS = ("database", "database_password_env", "host_id", "policies", "broker", "equity", "http", "notify",
+            "reload_every", "logging")
 BROKER_KEYS = ("url", "app_id", "token_env", "timeout", "settle_window")
 EQUITY_KEYS = ("source", "dir", "terminals", "probe_command", "probe_timeout",  # mt5 / ea-file
                "seed", "start_equity", "volatility", "drift")  # simulated
 TERMINAL_KEYS = ("path", "server", "password_env", "portable")
-HTTP_KEYS = ("listen", "allow_remote", "intake_secret_env")
+HTTP_KEYS = ("listen", "allow_remote", "intake_secret_env", "status_token_env")
+LOGGING_KEYS = ("file", "max_bytes", "backups", "level")
 NOTIFY_KEYS = {"webhook": ("url", "events"), "telegram": ("token_env", "chat_id", "api_url", "events")}
-_LINE_DEPTH = 4  # keys are given lines down to equity.terminals.LOGIN.password_env
 
 
 class ConfigError(Exception):
-    pass
+    """One line for the user (the first problem); `problems` holds every problem found, in line order."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class MissingSecret(ConfigError):
@@ -74,6 +81,18 @@ class EquityConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    file: Path | None = None  # a rotating log file beside stderr, for hosts with no journal (Windows)
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
+    level: str | None = None  # None: --log-level or the command's default
+
+
+def default_host_id() -> str:
+    return socket.gethostname() or "localhost"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     database: str
@@ -83,6 +102,9 @@ class Config:
     http: dict[str, Any] = field(default_factory=dict)
     notify: dict[str, Any] = field(default_factory=dict)
     reload_every: float = 2.0  # seconds between checks of the policy files; 0: only on SIGHUP
+    database_password_env: str | None = None  # NAME of the variable holding the PostgreSQL password
+    host_id: str = field(default_factory=default_host_id)  # names this agent in leases, the ledger, status
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def find_config(explicit: str | None) -> Path:
@@ -127,7 +149,7 @@ def load_config(path: Path) -> Config:
         if root is None or not isinstance(root, yaml.MappingNode):
             line = root.start_mark.line + 1 if root is not None else 1
             raise ConfigError(f"{path}:{line}: the config must be a mapping of keys to values")
-        lines = _key_lines(root, path)
+        lines, duplicates = node_lines(root)
         _defuse_scalars(root)
         raw = construct_guarded(root)
     except YamlTooComplex as exc:
@@ -139,16 +161,33 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}:{line}: {kind}: {_one_line(exc.problem or exc.context or exc)}") from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # e.g. a date 2024-13-45, a huge int
         raise ConfigError(f"{path}: YAML error: {_one_line(exc)}") from None
+    problems = sorted([Problem(str(path), line, message) for line, message in duplicates]
+                      + problems_of(raw, lines, str(path)), key=lambda p: p.line)
+    if problems:
+        raise ConfigError(str(problems[0]), problems)
     config = parse_config(raw, path.resolve().parent, path, lines)
     register_config_secrets(config)
     return config
 
 
+def check_config(path: Path) -> list[Problem]:
+    """Every problem of a config file (for `fund-agent check`); [] when it loads."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return exc.problems or [Problem(str(path), 0, str(exc)[len(str(path)) + 2:]
+                                        if str(exc).startswith(f"{path}: ") else str(exc))]
+    return []
+
+
 def register_config_secrets(config: Config) -> None:
     """Register for redaction the value of every environment variable the config names that is set."""
     names = [config.broker.token_env]
-    if isinstance(config.http.get("intake_secret_env"), str):
-        names.append(config.http["intake_secret_env"])
+    for key in ("intake_secret_env", "status_token_env"):
+        if isinstance(config.http.get(key), str):
+            names.append(config.http[key])
+    if config.database_password_env:
+        names.append(config.database_password_env)
     telegram = config.notify.get("telegram")
     if isinstance(telegram, dict):
         names.append(str(telegram.get("token_env") or "TELEGRAM_BOT_TOKEN"))
@@ -161,34 +200,6 @@ def register_config_secrets(config: Config) -> None:
         if value:
             logs.register_secret(value)
             logs.register_secret(value.strip())
-
-
-def _one_line(value: object, limit: int = 200) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _key_lines(root: yaml.MappingNode, path: Path) -> dict[str, int]:
-    """dotted key -> line, for the keys of the first few levels; duplicate and non-scalar keys are errors."""
-    lines: dict[str, int] = {}
-
-    def walk(node: yaml.Node, where: str, depth: int) -> None:
-        if depth > _LINE_DEPTH or not isinstance(node, yaml.MappingNode):
-            return
-        for key_node, value_node in node.value:
-            line = key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise ConfigError(f"{path}:{line}: {where or 'the config'}: keys must be plain names")
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            dotted = f"{where}.{key_node.value}" if where else key_node.value
-            if dotted in lines:
-                raise ConfigError(f"{path}:{line}: {dotted}: duplicate key (first given on line {lines[dotted]})")
-            lines[dotted] = line
-            walk(value_node, dotted, depth + 1)
-
-    walk(root, "", 1)
-    return lines
 
 
 def _defuse_scalars(root: yaml.Node) -> None:
@@ -211,26 +222,13 @@ def _defuse_scalars(root: yaml.Node) -> None:
             stack.extend(part for pair in node.value for part in pair)
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, (int, float)):
-        return f"a number ({_one_line(value, 40)})"
-    return _one_line(repr(value), 60)
-
-
 class _Checker:
     """Typed reads of the constructed config; each failure is one ConfigError naming the key."""
 
-    def __init__(self, path: Path | None, lines: dict[str, int] | None) -> None:
+    def __init__(self, path: Path | None, lines: dict[KeyPath, int] | None) -> None:
         self.path = path
-        self.lines = lines or {}
+        # dotted key -> line, for the messages of the typed reads below
+        self.lines = {dotted(k): v for k, v in (lines or {}).items() if k}
 
     def fail(self, dotted: str, message: str) -> ConfigError:
         if self.path is None:
@@ -248,7 +246,7 @@ class _Checker:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(dotted, f"must be a mapping of keys to values, got {_describe(value)}")
+            raise self.fail(dotted, f"must be a mapping of keys to values, got {describe(value)}")
         return value
 
     def known(self, raw: dict[str, Any], where: str, allowed: tuple[str, ...]) -> None:
@@ -263,7 +261,7 @@ class _Checker:
             return default
         value = raw[key]
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(dotted, f"expected {what}, got {_describe(value) if value != '' else 'empty text'}")
+            raise self.fail(dotted, f"expected {what}, got {describe(value) if value != '' else 'empty text'}")
         return value
 
     def env_name(self, raw: dict[str, Any], key: str, where: str, default: str | None) -> str | None:
@@ -288,7 +286,7 @@ class _Checker:
 
     def boolean(self, raw: dict[str, Any], key: str, where: str) -> None:
         if key in raw and not isinstance(raw[key], bool):
-            raise self.fail(f"{where}.{key}", f"expected true or false, got {_describe(raw[key])}")
+            raise self.fail(f"{where}.{key}", f"expected true or false, got {describe(raw[key])}")
 
     def number(self, raw: dict[str, Any], key: str, where: str) -> None:
         if key not in raw:
@@ -301,11 +299,11 @@ class _Checker:
             if not number.is_finite() or abs(number) >= Decimal("1e15"):
                 raise InvalidOperation
         except (InvalidOperation, ValueError):
-            raise self.fail(f"{where}.{key}", f"expected a number, got {_describe(value)}") from None
+            raise self.fail(f"{where}.{key}", f"expected a number, got {describe(value)}") from None
 
 
 def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
-                 lines: dict[str, int] | None = None) -> Config:
+                 lines: dict[KeyPath, int] | None = None) -> Config:
     check = _Checker(path, lines)
     if not isinstance(raw, dict):
         raise check.fail("config", "must be a mapping of keys to values")
@@ -320,7 +318,7 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
     if app_id is not None:
         digits = app_id if isinstance(app_id, str) else str(app_id) if type(app_id) is int else ""
         if not (digits.isascii() and digits.isdigit() and 0 < len(digits) <= 12 and int(digits) > 0):
-            raise check.fail("broker.app_id", f"must be a number like 1089, got {_describe(app_id)}")
+            raise check.fail("broker.app_id", f"must be a number like 1089, got {describe(app_id)}")
         app_id = int(digits)
     timeout = check.duration(broker_raw, "timeout", "broker", "15s")
     settle_window = check.duration(broker_raw, "settle_window", "broker", "2m")
@@ -335,7 +333,7 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
     check.known(equity_raw, "equity", EQUITY_KEYS)
     source = equity_raw.pop("source", "mt5")
     if not isinstance(source, str) or source not in SOURCES:
-        raise check.fail("equity.source", f"must be one of {', '.join(SOURCES)}, got {_describe(source)}")
+        raise check.fail("equity.source", f"must be one of {', '.join(SOURCES)}, got {describe(source)}")
     eq_dir = check.text(equity_raw, "dir", "equity", None, "a folder name")
     equity_raw.pop("dir", None)
     if source == "ea-file" and not eq_dir:
@@ -344,7 +342,7 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
     for login, spec in terminals.items():
         where = f"equity.terminals.{login}"
         if not isinstance(spec, dict):
-            raise check.fail(where, f"must be a mapping of path, server, password_env, got {_describe(spec)}")
+            raise check.fail(where, f"must be a mapping of path, server, password_env, got {describe(spec)}")
         check.known(spec, where, TERMINAL_KEYS)
         check.text(spec, "path", where, None, "a file name")
         check.text(spec, "server", where, None, "a server name")
@@ -354,7 +352,7 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
     if "probe_timeout" in equity_raw:
         check.duration(equity_raw, "probe_timeout", "equity", "10s")
     if "seed" in equity_raw and (type(equity_raw["seed"]) is not int or abs(equity_raw["seed"]) >= 2 ** 63):
-        raise check.fail("equity.seed", f"expected a whole number, got {_describe(equity_raw['seed'])}")
+        raise check.fail("equity.seed", f"expected a whole number, got {describe(equity_raw['seed'])}")
     for key in ("start_equity", "volatility", "drift"):
         check.number(equity_raw, key, "equity")
     equity = EquityConfig(source=source, dir=(base / eq_dir) if eq_dir else None, options=equity_raw)
@@ -368,6 +366,7 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
             raise check.fail("http.listen", f"must be HOST:PORT like 127.0.0.1:8787, got {_one_line(repr(listen), 60)}")
     check.boolean(http, "allow_remote", "http")
     check.env_name(http, "intake_secret_env", "http", None)
+    check.env_name(http, "status_token_env", "http", None)
 
     notify = dict(check.section(raw, "notify"))
     check.known(notify, "notify", tuple(NOTIFY_KEYS))
@@ -377,17 +376,27 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
         check.known(settings, where, keys)
         if channel == "webhook" and settings:  # the URL is never echoed: it may carry a credential
             if not isinstance(settings.get("url"), str):
-                raise check.fail(f"{where}.url", f"expected an http(s) URL, got {_describe(settings.get('url'))}")
+                raise check.fail(f"{where}.url", f"expected an http(s) URL, got {describe(settings.get('url'))}")
         if channel == "telegram":
             check.env_name(settings, "token_env", where, None)
             check.text(settings, "api_url", where, None, "an http(s) URL")
             chat_id = settings.get("chat_id")
             if chat_id is not None and (isinstance(chat_id, bool) or not isinstance(chat_id, (str, int))):
-                raise check.fail(f"{where}.chat_id", f"expected a chat id, got {_describe(chat_id)}")
+                raise check.fail(f"{where}.chat_id", f"expected a chat id, got {describe(chat_id)}")
         events = settings.get("events")
         if events is not None and (not isinstance(events, list) or not all(isinstance(e, str) for e in events)):
-            raise check.fail(f"{where}.events", f"expected a list of event names, got {_describe(events)}")
+            raise check.fail(f"{where}.events", f"expected a list of event names, got {describe(events)}")
 
     reload_every = check.duration(raw, "reload_every", "", "2s", zero_ok=True)
+    password_env = check.env_name(raw, "database_password_env", "", None)
+    host_id = check.text(raw, "host_id", "", None, "a name for this agent") or default_host_id()
+    log_raw = check.section(raw, "logging")
+    check.known(log_raw, "logging", LOGGING_KEYS)
+    log_file = check.text(log_raw, "file", "logging", None, "a file name")
+    logging_ = LoggingConfig(file=(base / log_file) if log_file else None,
+                             max_bytes=int(log_raw.get("max_bytes", LoggingConfig.max_bytes)),
+                             backups=int(log_raw.get("backups", LoggingConfig.backups)),
+                             level=log_raw.get("level"))
     return Config(path=path, database=database, policies=policies, broker=broker, equity=equity,
-                  http=http, notify=notify, reload_every=reload_every)
+                  http=http, notify=notify, reload_every=reload_every, database_password_env=password_env,
+                  host_id=host_id, logging=logging_)

@@ -1,4 +1,5 @@
-"""The service's small HTTP endpoint: GET /healthz, GET /metrics, POST /status (the EA's intake).
+"""The service's small HTTP endpoint: GET / (the status page), GET /healthz, GET /metrics, POST /status (the EA's
+intake).
 
 Loopback only unless the operator says otherwise; the intake needs the shared secret in X-Fund-Agent-Secret.
 Hostile clients get a bounded hearing: each connection has `timeout` seconds to deliver its whole request, the
@@ -113,9 +114,12 @@ class HttpApi:
     def __init__(self, listen: tuple[str, int], health: Callable[[], tuple[bool, dict[str, Any]]],
                  metrics: Callable[[], str], intake: IntakeStore | None = None,
                  intake_secret: str | None = None, managed: Callable[[], set[str]] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                 page: Callable[[], str] | None = None, token: str | None = None) -> None:
         self.health = health
         self.metrics = metrics
+        self.page = page  # the status page; None: GET / is 404
+        self.token = token  # bearer token for GET / and /metrics (required when bound beyond loopback)
         self.intake = intake
         self.intake_secret = intake_secret
         self.managed = managed  # numeric logins ("130002534") some policy manages; None: take any login
@@ -148,12 +152,21 @@ class HttpApi:
                 """Bad request lines, timeouts, dropped connections: one warning line each."""
                 log.warning("http %s: %s", self.client_address[0], one_line(format % args))
 
-            def _reply(self, status: int, body: str, content_type: str = "application/json") -> None:
+            def _reply(self, status: int, body: str, content_type: str = "application/json",
+                       extra: dict[str, str] | None = None) -> None:
                 data = body.encode("utf-8")
                 self.connection.settimeout(api.timeout)
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                if content_type.startswith("text/html"):  # nothing but the page itself: no script, no fetch
+                    self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                     "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+                    self.send_header("X-Frame-Options", "DENY")
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
@@ -167,8 +180,26 @@ class HttpApi:
                           one_line(self.path, 80), one_line(f"{exc.__class__.__name__}: {exc}"))
                 self._reply(500, json.dumps({"ok": False, "message": "internal error"}))
 
+            def _authorized(self) -> bool:
+                """The bearer token, compared in constant time; never logged or echoed."""
+                if not api.token:
+                    return True
+                given = self.headers.get("Authorization") or ""
+                scheme, _, value = given.partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    value.strip().encode("utf-8", "surrogatepass"), api.token.encode("utf-8", "surrogatepass"))
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 try:
+                    if self.path in ("/", "/metrics") and not self._authorized():
+                        message = "a bearer token is needed (Authorization: Bearer ...)"
+                        self.log_error("GET %s refused: 401 %s", one_line(self.path, 80), message)
+                        self._reply(401, json.dumps({"ok": False, "message": message}),
+                                    extra={"WWW-Authenticate": 'Bearer realm="fund-agent"'})
+                        return
+                    if self.path == "/" and api.page is not None:
+                        self._reply(200, api.page(), "text/html; charset=utf-8")
+                        return
                     if self.path == "/healthz":
                         ok, body = api.health()
                         self._reply(200 if ok else 503, json.dumps(body))

@@ -7,11 +7,13 @@ import contextlib
 import contextvars
 import json
 import logging
+import logging.handlers
 import re
 import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 _context: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar("fund_agent_log_context",
                                                                                    default=None)
@@ -111,15 +113,70 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: int = logging.INFO, json_lines: bool | None = None) -> None:
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes (as logging.lastResort does): click's runner and
+    pytest swap it, and a handler holding the old one would write to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+LEVELS = ("debug", "info", "warning", "error")
+_chosen_level: int | None = None  # --log-level: wins over each command's default
+_file: tuple[str, int, int] | None = None  # (path, max_bytes, backups) of the rotating file, once configured
+
+
+def choose_level(name: str | None) -> None:
+    """The operator's --log-level, kept for every later setup() of this process."""
+    global _chosen_level
+    _chosen_level = logging.getLevelName(name.upper()) if name else None
+
+
+def use_file(path: str | None, max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
+    """Also write the log to a rotating file (the config's `logging` section), for hosts with no journal."""
+    global _file
+    _file = (path, max_bytes, backups) if path else None
+    root = logging.getLogger()
+    setup(root.level or logging.WARNING, _json=_last_json)
+
+
+_last_json: bool | None = None
+
+
+def setup(level: int = logging.INFO, json_lines: bool | None = None, *, _json: bool | None = None) -> None:
+    """The one logging set-up of every command: the redacting formatter on stderr (JSON lines when stderr is
+    not a terminal), plus the rotating file when the config asks for one. Calling it again replaces the
+    handlers (the level chosen with --log-level stays)."""
+    global _last_json
     if json_lines is None:
-        json_lines = not sys.stderr.isatty()
-    handler = logging.StreamHandler(sys.stderr)
+        json_lines = _json if _json is not None else not sys.stderr.isatty()
+    _last_json = json_lines
+    handler = _Stderr()
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, logging.FileHandler):
+            old.close()
     root.addHandler(handler)
-    root.setLevel(level)
+    if _file is not None:
+        path, max_bytes, backups = _file
+        try:
+            rotating = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                            encoding="utf-8")
+        except OSError as exc:  # a log file that cannot be opened must not stop the agent: say so on stderr
+            root.warning("log file %s cannot be opened: %s", path, exc)
+        else:
+            rotating.setFormatter(JsonFormatter())  # a file is read by tools: always JSON lines
+            root.addHandler(rotating)
+    root.setLevel(_chosen_level if _chosen_level is not None else level)
     for noisy in ("apscheduler.executors.default", "apscheduler.scheduler", "websockets", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

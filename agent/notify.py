@@ -1,9 +1,10 @@
 """Notifications through an outbox: at least once, never lost, never blocking money work.
 
-Events are derived from rows the ledger already holds (transfer_events, halts, decisions) past a cursor kept
-in the same database, so a crash between a state change and its notification loses nothing: the outbox rows
-and the cursor move in one transaction. A sender thread delivers due rows; each carries a stable `id` so a
-receiver can drop the repeats that at-least-once delivery can cause.
+Each event's notification is staged in the transaction that writes the event (agent.ledger.outbox), so a crash
+between a state change and its notification loses nothing and concurrent writers cannot make one be skipped.
+The notifier fans staged rows out to the configured channels and a sender thread delivers due rows, each claimed
+so that hosts sharing a ledger never send the same row at once; each carries a stable `id` so a receiver can drop
+the repeats that at-least-once delivery can cause.
 """
 
 from __future__ import annotations
@@ -23,21 +24,27 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from agent import logs
 from agent.config import ConfigError, MissingSecret
-from agent.ledger import queries
-from agent.ledger.db import Ledger
-from agent.ledger.models import DecisionRow, Halt, NotifyCursor, OutboxRow, Transfer, TransferEvent
-from agent.timeutil import Clock, iso
+from agent.ledger import outbox as staging
+from agent.ledger.db import Ledger, upsert
+from agent.ledger.models import DecisionRow, Halt, NotifyCursor, OutboxRow, TransferEvent
+from agent.ledger.outbox import STAGED
+from agent.timeutil import Clock
 
 log = logging.getLogger("agent.notify")
 
 EVENTS = ("transfer_confirmed", "transfer_failed", "transfer_unknown", "halt", "kill_switch",
           "policy_reload_failed", "source_down")
-SOURCES: dict[str, Any] = {"transfer_events": TransferEvent, "halts": Halt, "decisions": DecisionRow}
+# the per-table cursors of the releases that derived events from ledger ids (caught up once, then removed)
+LEGACY_SOURCES: dict[str, Any] = {"transfer_events": TransferEvent, "halts": Halt, "decisions": DecisionRow}
+FIRST_START = "outbox"  # notify_cursors row: notifications have been configured on this ledger since then
+# staged rows are never delivered: the delivered_at test lets them be found through ix_outbox_due, not by a scan
+STAGED_ROWS = (OutboxRow.delivered_at.is_(None), OutboxRow.channel == STAGED)
+CLAIM = timedelta(minutes=2)  # a claimed row that no host finished sending is due again after this
 MAX_BACKOFF = timedelta(hours=1)
 FIRST_BACKOFF = 5.0  # seconds; doubled per failed attempt (10 s after the first), capped at MAX_BACKOFF
 # query parameters of a webhook URL whose values are credentials (matched as substrings: api_key, access_token...)
@@ -181,72 +188,69 @@ class Outbox:
         self.delivered = 0
         self.failures = 0
 
-    # ---- deriving events from the ledger ----
+    # ---- fanning staged events out to the channels ----
 
-    def collect(self) -> int:
-        """Turn new ledger rows into outbox rows, advancing the cursors in the same transaction."""
+    def collect(self, limit: int = 500) -> int:
+        """Turn staged events (written with the event, see agent.ledger.outbox) into one row per channel that
+        wants them, removing each staged row in the same transaction. Claimed with SKIP LOCKED on PostgreSQL, so
+        hosts sharing the ledger each fan out different events and none twice. Returns the rows added."""
         if not self.channels:
             return 0
+        with self.ledger.reader() as session:  # the common case, nothing staged, costs no write transaction
+            if session.scalars(select(OutboxRow.id).where(*STAGED_ROWS).limit(1)).first() is None \
+                    and session.get(NotifyCursor, FIRST_START) is not None and not self._legacy_cursors(session):
+                return 0
         added = 0
         with self.ledger.session() as session:
-            for source, model in SOURCES.items():
-                cursor = session.get(NotifyCursor, source)
-                if cursor is None:  # first start: history before notifications were configured is not news
-                    top = session.execute(select(func.coalesce(func.max(model.id), 0))).scalar_one()
-                    session.add(NotifyCursor(source=source, last_id=int(top)))
-                    continue
-                rows = session.scalars(select(model).where(model.id > cursor.last_id).order_by(model.id)
-                                       .limit(500)).all()
-                for row in rows:
-                    for event, payload in self._events_of(session, source, row):
-                        added += self._enqueue(session, f"{source}-{row.id}", event, payload)
-                    cursor.last_id = row.id
+            if session.get(NotifyCursor, FIRST_START) is None:
+                added += self._first_start(session)
+            query = select(OutboxRow).where(*STAGED_ROWS).order_by(OutboxRow.id).limit(limit)
+            if self.ledger.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            for staged in session.scalars(query).all():
+                body = json.loads(staged.payload)
+                added += self._enqueue(session, staged.event_id, staged.event, body)
+                session.delete(staged)  # a work item, not ledger evidence: the channel rows replace it
             session.commit()
         return added
 
-    def _events_of(self, session: Session, source: str, row: Any) -> list[tuple[str, dict[str, Any]]]:
-        if source == "transfer_events":
-            if row.state not in ("confirmed", "failed", "unknown"):
-                return []
-            transfer = session.get(Transfer, row.transfer_id)
-            record = queries.transfer_record(transfer) if transfer else None
-            message = f"transfer {row.transfer_id} is {row.state}"
-            if record:
-                message = (f"{record['kind']} {record['amount']} {record['currency']} ({record['funding']} / "
-                           f"{record['account']}) {row.state}")
-                if record["broker_txn_id"]:
-                    message += f", broker txn {record['broker_txn_id']}"
-                if row.state != "confirmed" and record["error_code"]:
-                    message += f": {record['error_code']}: {record['error_message']}"
-            return [(f"transfer_{row.state}", self._payload(f"transfer_{row.state}", row.at,
-                                                            transfer.account if transfer else None, message,
-                                                            record))]
-        if source == "halts":
-            event = "kill_switch" if row.kind == "kill_switch" else "halt"
-            return [(event, self._payload(event, row.created_at, row.account,
-                                          f"{row.kind} halt ({row.scope}) by {row.created_by}: {row.reason}", None))]
-        if row.bound_by == "policy_reload":
-            return [("policy_reload_failed", self._payload("policy_reload_failed", row.at, row.account, row.reason,
-                                                           None))]
-        if row.bound_by == "no_reading":
-            previous = session.scalars(select(DecisionRow.bound_by).where(
-                DecisionRow.account == row.account, DecisionRow.id < row.id).order_by(DecisionRow.id.desc())
-                .limit(1)).first()
-            if previous != "no_reading":
-                return [("source_down", self._payload("source_down", row.at, row.account, row.reason, None))]
-        return []
+    def _first_start(self, session: Session) -> int:
+        """The first pass with channels on this ledger: what happened before notifications were configured is not
+        news (its staged rows are dropped), except what a ledger written by a release that derived events from
+        per-table cursors had not reported yet (caught up once, then those cursors are removed)."""
+        legacy = self._legacy_cursors(session)
+        added = 0
+        if legacy:
+            added = self._catch_up(session, legacy)
+        else:
+            session.execute(delete(OutboxRow).where(*STAGED_ROWS))
+        upsert(session, NotifyCursor, {"source": FIRST_START, "last_id": 0}, ["source"])
+        return added
 
     @staticmethod
-    def _payload(event: str, at: datetime, account: str | None, message: str,
-                 transfer: dict[str, Any] | None) -> dict[str, Any]:
-        return {"event": event, "time": iso(at), "account": account, "message": message, "transfer": transfer}
+    def _legacy_cursors(session: Session) -> list[NotifyCursor]:
+        return list(session.scalars(select(NotifyCursor).where(NotifyCursor.source.in_(list(LEGACY_SOURCES)))))
 
-    def _enqueue(self, session: Session, event_id: str, event: str, payload: dict[str, Any]) -> int:
+    def _catch_up(self, session: Session, cursors: list[NotifyCursor]) -> int:
+        added = 0
+        for cursor in cursors:
+            model = LEGACY_SOURCES[cursor.source]
+            rows = session.scalars(select(model).where(model.id > cursor.last_id).order_by(model.id)).all()
+            for row in rows:
+                for event, body in staging.events_of(session, cursor.source, row):
+                    event_id = f"{cursor.source}-{row.id}"
+                    # a staged row of the same event (written since the upgrade) fans out to the same rows
+                    session.execute(delete(OutboxRow).where(OutboxRow.event_id == event_id,
+                                                            OutboxRow.channel == STAGED))
+                    added += self._enqueue(session, event_id, event, {"id": event_id, **body})
+            session.delete(cursor)
+        return added
+
+    def _enqueue(self, session: Session, event_id: str, event: str, body: dict[str, Any]) -> int:
         added = 0
         for channel in self.channels:
             if event not in channel.events:
                 continue
-            body = {"id": event_id, **payload}
             session.add(OutboxRow(event_id=event_id, channel=channel.name, event=event, payload=json.dumps(body),
                                   created_at=self.clock.now(), attempts=0, next_attempt_at=self.clock.now()))
             added += 1
@@ -254,26 +258,42 @@ class Outbox:
 
     # ---- delivery ----
 
+    def _claim(self, names: list[str], limit: int) -> list[tuple[OutboxRow, datetime]]:
+        """The due rows, oldest first, claimed: their next attempt is pushed CLAIM ahead in a short transaction
+        (SKIP LOCKED on PostgreSQL), so no other host sends them meanwhile and no lock is held while sending. A
+        host that dies mid-send leaves them due again after CLAIM: at least once, never by two hosts at once."""
+        now = self.clock.now()
+        due = (OutboxRow.delivered_at.is_(None), OutboxRow.next_attempt_at <= now, OutboxRow.channel.in_(names))
+        with self.ledger.reader() as session:  # the common case, nothing due, costs no write transaction
+            if session.scalars(select(OutboxRow.id).where(*due).limit(1)).first() is None:
+                return []
+        with self.ledger.session() as session:
+            query = select(OutboxRow).where(*due).order_by(OutboxRow.id).limit(limit)
+            if self.ledger.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = session.scalars(query).all()
+            claimed = [(row, row.next_attempt_at) for row in rows]
+            for row in rows:
+                row.next_attempt_at = now + CLAIM
+            session.commit()
+        return claimed
+
     def deliver(self, limit: int = 50) -> int:
         """Send the due rows, oldest first. A failing row only delays itself: it is given its own back-off and
         the rows after it (on its channel and on the others) are still attempted. Only a receiver that cannot be
         reached at all holds the rest of its channel's rows to the next pass, so that one dead receiver costs
         one connect timeout per pass rather than one per row."""
-        now = self.clock.now()
         by_name = {c.name: c for c in self.channels}
         if not by_name:
             return 0
-        with self.ledger.reader() as session:
-            # rows of a channel no longer configured are left alone (not due here): they must not take the slots
-            due = session.scalars(select(OutboxRow).where(OutboxRow.delivered_at.is_(None),
-                                                          OutboxRow.next_attempt_at <= now,
-                                                          OutboxRow.channel.in_(list(by_name)))
-                                  .order_by(OutboxRow.id).limit(limit)).all()
+        # rows of a channel no longer configured are left alone (not due here): they must not take the slots
+        claimed = self._claim(list(by_name), limit)
         sent = 0
         unreachable: set[str] = set()
-        for row in due:
-            channel = by_name.get(row.channel)
-            if channel is None or row.channel in unreachable:
+        for row, was_due in claimed:
+            channel = by_name[row.channel]
+            if row.channel in unreachable:
+                self._release(row, was_due)
                 continue
             error = None
             try:
@@ -300,6 +320,14 @@ class Outbox:
                                 row.channel, stored.attempts, error)
                 session.commit()
         return sent
+
+    def _release(self, row: OutboxRow, was_due: datetime) -> None:
+        """Give back a claimed row that was not attempted: due again at once, as it was before the claim."""
+        with self.ledger.session() as session:
+            session.execute(update(OutboxRow).where(OutboxRow.id == row.id, OutboxRow.delivered_at.is_(None),
+                                                    OutboxRow.next_attempt_at == row.next_attempt_at)
+                            .values(next_attempt_at=was_due).execution_options(synchronize_session=False))
+            session.commit()
 
 
 class Notifier:

@@ -1,29 +1,54 @@
-"""Printing records as table, json, jsonl or csv."""
+"""Printing records as table, json, jsonl or csv; progress on long work (only when stderr is a terminal)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from typing import Any
+import sys
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, TypeVar
 
+import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 FORMATS = ("table", "json", "jsonl", "csv")
+# every command that prints rows takes the same --format choice, validated the same way
+FORMAT = click.Choice(FORMATS)
+PROGRESS_FROM = 2000  # rows: fewer are written before a bar would be seen
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Yield items, with a progress bar on stderr when it is a terminal and the work is long; silent otherwise
+    (a pipe, a file, a cron job)."""
+    if total is None and isinstance(items, Sized):
+        total = len(items)
+    if not sys.stderr.isatty() or (total is not None and total < PROGRESS_FROM):
+        yield from items
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
 
 
 def render(records: list[dict[str, Any]], fmt: str, columns: list[str], title: str | None = None) -> str:
+    fmt = fmt.lower()
     if fmt == "json":
-        return json.dumps(records, indent=2)
+        return json.dumps(records, indent=2, default=str)
     if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in records).rstrip("\n")
+        return "".join(json.dumps(r, default=str) + "\n" for r in progress(records, "jsonl")).rstrip("\n")
     if fmt == "csv":
         buffer = io.StringIO()
         keys = list(records[0].keys()) if records else columns
         writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        for record in records:
+        for record in progress(records, "csv"):
             writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()})
         return buffer.getvalue().rstrip("\n")
     table = Table(title=title, show_lines=False)

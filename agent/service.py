@@ -29,9 +29,11 @@ from agent.broker.errors import BrokerError
 from agent.config import Config, ConfigError
 from agent.cronspec import crontab_trigger
 from agent.engine.tick import Engine, TickOutcome
+from agent.equity.base import NoReading
 from agent.instance_lock import InstanceLock, LockHeld, new_owner_id
 from agent.ledger import queries
 from agent.ledger.db import Ledger, sqlite_path
+from agent.ledger.leases import Leases
 from agent.policy.evaluate import Decision
 from agent.policy.load import Problem, load_policies, policy_files
 from agent.policy.model import Policy
@@ -77,11 +79,21 @@ class Service:
         self.notifier: Any = None
         self._reload_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.leases: Leases | None = None  # several hosts on one ledger (PostgreSQL): who acts on which account
+        self._lease_thread: threading.Thread | None = None
+        # Readings that arrive between ticks (EA POSTs, status file rewrites) bring an evaluation forward
+        # (agent/equity/watch.py); one lock per account keeps it from overlapping a scheduled tick.
+        self._account_locks: dict[str, threading.Lock] = {}
+        self._account_locks_guard = threading.Lock()
+        self.reactor: Any = None
+        self.watcher: Any = None
+        self.triggers: Any = None
+        self._by_digits: tuple[dict[str, Policy], dict[str, Policy]] | None = None
 
     # ---- start ----
 
     def start(self) -> None:
-        from agent.wiring import make_broker, make_reconciler, make_source
+        from agent.wiring import make_broker, make_leases, make_reconciler, make_source
 
         path = sqlite_path(self.config.database)
         if path is not None:
@@ -91,7 +103,7 @@ class Service:
             except LockHeld as exc:
                 raise ServiceError(str(exc)) from None
             self.owner = self.lock.owner
-        self.ledger = Ledger.open(self.config.database)
+        self.ledger = Ledger.open(self.config.database, password_env=self.config.database_password_env)
         broker = make_broker(self.config)
         logs.register_secret(self.config.broker.token())
         source = make_source(self.config, self.clock, broker)
@@ -100,19 +112,24 @@ class Service:
             from agent.equity.intake import IntakeStore, WithIntake
 
             intake = IntakeStore()
+            intake.subscribe(self._on_posted)
             source = WithIntake(source, intake)
         # This process holds the lock (or the ledger has no lock file): every other owner of an in-flight row is
         # gone, and the transfers it creates carry its owner id.
         from agent.wiring import LedgerAccess
 
+        if path is None:  # a shared ledger: accounts are acted on under leases (agent/ledger/leases.py)
+            self.leases = make_leases(self.config, self.ledger, self.owner)
         reconciler = make_reconciler(self.config, self.ledger, broker, self.clock,
-                                     LedgerAccess(owner=self.owner))
+                                     LedgerAccess(owner=self.owner), leases=self.leases)
         self.engine = Engine(self.ledger, broker, source, self.clock, on_outcome=self._note,
-                             reconciler=reconciler)
+                             reconciler=reconciler, leases=self.leases,
+                             lease_margin=self.config.broker.timeout + 1.0)
         try:
             broker.connect()
-            for verdict in reconciler.run():
-                log.warning("reconcile at start: %s", verdict)
+            if self.leases is None:
+                for verdict in reconciler.run():
+                    log.warning("reconcile at start: %s", verdict)
         except BrokerError as exc:
             if exc.needs_operator:
                 raise ServiceError(f"the broker refused the agent: {exc}") from None
@@ -120,6 +137,19 @@ class Service:
         self.reload(initial=True)
         if not self.policies:
             raise ServiceError(f"no valid policy in {self.config.policies}")
+        if self.leases is not None:
+            # leases for the policies just loaded, renewed from now on by their own thread, before any slow
+            # start-up work (a statement read may take a broker timeout): a lease must never lapse for that
+            self._sync_leases(initial=True)
+            self._lease_thread = threading.Thread(target=self._lease_loop, name="leases", daemon=True)
+            self._lease_thread.start()
+            for account in sorted(self.leases.held()):
+                try:
+                    for verdict in reconciler.run(account):
+                        log.warning("reconcile at start: %s", verdict)
+                except BrokerError as exc:
+                    log.warning("reconcile of %s at start failed: %s", account, exc.code)
+        self._start_reactor()
         self._start_http(intake)
         self._start_notifier()
         self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
@@ -129,13 +159,56 @@ class Service:
         self.scheduler.add_job(self._heartbeat, IntervalTrigger(seconds=HEARTBEAT_EVERY), id="heartbeat",
                                misfire_grace_time=None)
 
+    # ---- leases (several hosts) ----
+
+    def _wanted_accounts(self) -> set[str]:
+        wanted = set(self.policies)
+        if self.ledger is not None:  # accounts with open transfers and no policy any more: someone must settle them
+            with self.ledger.reader() as session:
+                wanted |= {t.account for t in queries.unresolved(session)}
+        return wanted
+
+    def _lease_loop(self) -> None:
+        assert self.leases is not None
+        while not self._stopping.wait(self.leases.renew_every):
+            self._sync_leases()
+
+    def _sync_leases(self, initial: bool = False) -> None:
+        assert self.leases is not None
+        try:
+            claimed, _lost = self.leases.sync(self._wanted_accounts())
+        except Exception as exc:  # noqa: BLE001 - logged by Leases; acting on nothing until it succeeds
+            log.debug("lease sync failed: %s", type(exc).__name__)
+            return
+        if initial or self.engine is None:
+            return
+        # Taken over: evaluate now. The evaluation reconciles what the old holder left before it decides; this
+        # thread does no broker I/O, so that renewals are never late.
+        for account in sorted(claimed):
+            job = self.scheduler.get_job(f"policy:{account}") if self.scheduler.running else None
+            if job is not None:
+                job.modify(next_run_time=datetime.now().astimezone())
+            elif account not in self.policies:  # an orphan with an open transfer: the heartbeat reconciles it
+                log.info("took over %s (no policy here): its open transfers are reconciled by the heartbeat",
+                         account)
+
     def _start_http(self, intake: Any) -> None:
         if not self.config.http:
             return
         from agent.http_api import HttpApi, parse_listen
+        from agent.status_page import render_for_service
 
         settings = self.config.http
-        listen = parse_listen(str(settings.get("listen", "127.0.0.1:8787")), bool(settings.get("allow_remote")))
+        token = None
+        token_env = settings.get("status_token_env")
+        if token_env:  # the status page and /metrics need it; with it the listener may leave loopback
+            token = os.environ.get(str(token_env), "").strip() or None
+            if token is None:
+                raise ConfigError(f"environment variable {token_env} is not set: it must hold the status page's "
+                                  "bearer token")
+            logs.register_secret(token)
+        listen = parse_listen(str(settings.get("listen", "127.0.0.1:8787")),
+                              bool(settings.get("allow_remote")) or token is not None)
         secret = None
         env = settings.get("intake_secret_env")
         if env:
@@ -145,9 +218,10 @@ class Service:
             logs.register_secret(secret)
         # a status for a login no policy manages is refused (404) and counted, never stored
         self.http = HttpApi(listen, self.health, self.metrics, intake, secret,
-                            managed=lambda: {p.mt5_digits for p in self.policies.values()})
+                            managed=lambda: {p.mt5_digits for p in self.policies.values()},
+                            page=lambda: render_for_service(self), token=token)
         self.http.start()
-        log.info("http endpoint on %s:%d (/healthz, /metrics%s)", listen[0], self.http.port,
+        log.info("http endpoint on %s:%d (/ status page, /healthz, /metrics%s)", listen[0], self.http.port,
                  ", POST /status" if secret else "")
 
     def _start_notifier(self) -> None:
@@ -250,13 +324,71 @@ class Service:
     def _evaluate(self, account: str) -> None:
         if self._stopping.is_set():
             return
-        policy = self.policies.get(account)
+        with self._account_lock(account):  # a scheduled tick and a reading-triggered one never overlap
+            policy = self.policies.get(account)
+            if policy is None or self.engine is None or self._stopping.is_set():
+                return
+            with logs.log_context(account=account, policy=policy.name):
+                self.engine.tick_safely(policy)
+
+    def _account_lock(self, account: str) -> threading.Lock:
+        with self._account_locks_guard:
+            lock = self._account_locks.get(account)
+            if lock is None:
+                lock = self._account_locks[account] = threading.Lock()
+            return lock
+
+    # ---- readings between ticks ----
+
+    def _start_reactor(self) -> None:
+        from agent.equity.watch import FolderWatcher, Reactor, Triggers
+
+        self.triggers = Triggers()
+        self.reactor = Reactor(self._evaluate)
+        if self.config.equity.source == "ea-file" and self.config.equity.dir is not None:
+            self.watcher = FolderWatcher(Path(self.config.equity.dir), self._on_status_file)
+            log.info("watching %s for status files (%s)", self.config.equity.dir, self.watcher.mode)
+
+    def _policy_for_digits(self, digits: str) -> Policy | None:
+        policies = self.policies  # a reload swaps in a new dict: the index follows it
+        index = self._by_digits
+        if index is None or index[0] is not policies:
+            index = self._by_digits = (policies, {p.mt5_digits: p for p in policies.values()})
+        return index[1].get(digits)
+
+    def _react(self, policy: Policy, equity: Decimal) -> None:
+        if self.reactor is not None and not self._stopping.is_set() and self.triggers.reading(policy, equity):
+            self.reactor.poke(policy.mt5)
+
+    def _on_posted(self, snapshot: Any) -> None:
+        """The EA POSTed a status (HTTP thread): a reading across a band is evaluated now, not at the next tick."""
+        try:
+            policy = self._policy_for_digits(snapshot.login)
+            if policy is not None and snapshot.connected:
+                self._react(policy, snapshot.equity)
+        except Exception as exc:  # noqa: BLE001 - the status is taken; the schedule still evaluates it
+            log.warning("could not react to a POSTed status: %s", type(exc).__name__)
+
+    def _on_status_file(self, digits: str) -> None:
+        """A status file was written (watcher thread): read it as the engine would and react to it."""
+        policy = self._policy_for_digits(digits)
         if policy is None or self.engine is None:
             return
-        with logs.log_context(account=account, policy=policy.name):
-            self.engine.tick_safely(policy)
+        try:
+            snapshot = self.engine.source.read(policy.mt5, policy.schedule.max_equity_age.total_seconds())
+        except NoReading:
+            return  # torn, stale or disconnected: the next write or the schedule tells
+        self._react(policy, snapshot.equity)
 
     def _note(self, outcome: TickOutcome) -> None:
+        if self.triggers is not None:
+            self.triggers.evaluated(outcome.policy, outcome.snapshot.equity if outcome.snapshot else None,
+                                    outcome.had_reading,
+                                    outcome.transfer is not None and outcome.transfer["state"] == "confirmed")
+        if outcome.decision.bound_by == "lease" and outcome.snapshot is None:
+            # another agent holds the account: its evaluation counts there, not here
+            self.stats.last_eval[outcome.policy.mt5] = time.time()
+            return
         self.stats.evaluations += 1
         self.stats.last_eval[outcome.policy.mt5] = time.time()
         if outcome.snapshot is not None:
@@ -295,6 +427,8 @@ class Service:
             return
         with self.ledger.reader() as session:
             orphans = sorted({t.account for t in queries.unresolved(session)} - set(self.policies))
+        if self.leases is not None:
+            orphans = [a for a in orphans if self.leases.holds(a)]
         for account in orphans:
             try:
                 for verdict in self.engine.reconciler.run(account):
@@ -358,6 +492,10 @@ class Service:
         return 0
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.reactor is not None:
+            self.reactor.close()  # an evaluation it started finishes first
         executor = self.scheduler._executors.get("default")  # noqa: SLF001 - no public way to wait for jobs
         if executor is not None and getattr(executor, "_pool", None) is not None:
             executor.shutdown(wait=True)  # a transfer in flight finishes and is recorded before we exit
@@ -369,6 +507,11 @@ class Service:
             if self.engine.broker is not None:
                 self.engine.broker.close()
             self.engine.source.close()
+        self._stopping.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout=10)
+        if self.leases is not None:
+            self.leases.release_all()  # another host takes over at once instead of after the lease expires
         if self.ledger is not None:
             self.ledger.close()
         if self.lock is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -11,10 +13,18 @@ from agent import logs
 from agent.broker.base import Broker
 from agent.broker.deriv import READ_SCOPES, TRANSFER_SCOPES, DerivClient
 from agent.config import Config, ConfigError
-from agent.engine.reconcile import Reconciler
+from agent.engine.reconcile import LiveOwner, Reconciler
 from agent.equity.base import EquitySource
 from agent.instance_lock import InstanceLock, LockHeld, describe, holder, new_owner_id
 from agent.ledger.db import Ledger, sqlite_path
+from agent.ledger.leases import (
+    BROKER_IDLE_CLOSE,
+    DEFAULT_RENEW_EVERY,
+    DEFAULT_TTL,
+    Leases,
+    foreign_send_possible,
+    lease_live_owner,
+)
 from agent.timeutil import Clock, parse_duration
 
 
@@ -72,10 +82,58 @@ def take_ledger(config: Config, command: str, *, required: bool) -> LedgerAccess
     return LedgerAccess(owner=lock.owner, lock=lock, ledger_path=path)
 
 
+def host_id(config: Config) -> str:
+    return getattr(config, "host_id", None) or socket.gethostname()
+
+
+def make_leases(config: Config, ledger: Ledger, owner: str) -> Leases:
+    """Leases of a shared ledger. Their lifetime must exceed a transfer's longest wait (the broker timeout) plus
+    a renewal period, or no account would ever have time enough left to start one."""
+    ttl, renew = lease_timing(config)
+    return Leases(ledger, owner, host_id(config), ttl=ttl, renew_every=renew)
+
+
+def lease_timing(config: Config) -> tuple[float, float]:
+    """(ttl, renew_every) in seconds; FUND_AGENT_LEASE_TTL / FUND_AGENT_LEASE_RENEW override them (tests and
+    fast failover set-ups: a shorter ttl means a faster takeover and more renewals)."""
+    renew = float(os.environ.get("FUND_AGENT_LEASE_RENEW", "") or DEFAULT_RENEW_EVERY)
+    ttl = float(os.environ.get("FUND_AGENT_LEASE_TTL", "") or max(DEFAULT_TTL, 2 * config.broker.timeout + 3 * renew))
+    return ttl, renew
+
+
+def live_owner_check(config: Config, ledger: Ledger, access: LedgerAccess) -> LiveOwner:
+    """Who holds an in-flight transfer, for a process that does not (an operator's `reconcile` or `resolve`):
+    on a SQLite file the holder of its lock; on a shared ledger an agent whose heartbeat is fresh."""
+    if access.ledger_path is not None or access.holds_lock:
+        return access.live_owner
+    ttl = lease_timing(config)[0]
+
+    def shared(owner: str | None) -> str | None:
+        return lease_live_owner(ledger, owner, ttl)
+
+    return shared
+
+
 def make_reconciler(config: Config, ledger: Ledger, broker: Broker, clock: Clock,
-                    access: LedgerAccess | None = None) -> Reconciler:
+                    access: LedgerAccess | None = None, leases: Leases | None = None) -> Reconciler:
+    live_owner = live_owner_check(config, ledger, access) if access is not None and leases is None else None
+    foreign_send = None
+    if sqlite_path(config.database) is None:  # a shared ledger: another agent may be frozen, not gone
+        ttl, idle_close = lease_timing(config)[0], broker_idle_close()
+
+        def foreign_send(owner: str | None) -> str | None:
+            return foreign_send_possible(ledger, owner, ttl, idle_close)
+
     return Reconciler(ledger, broker, clock, settle_window=timedelta(seconds=config.broker.settle_window),
-                      owner=access.owner if access else None, live_owner=access.live_owner if access else None)
+                      owner=access.owner if access else None, live_owner=live_owner,
+                      fence=leases.check if leases is not None else None,
+                      lease_holds=leases.holds if leases is not None else None, foreign_send=foreign_send)
+
+
+def broker_idle_close() -> float:
+    """How long the broker keeps an idle connection (Deriv: 120 s); FUND_AGENT_BROKER_IDLE_CLOSE for a test
+    server configured otherwise."""
+    return float(os.environ.get("FUND_AGENT_BROKER_IDLE_CLOSE", "") or BROKER_IDLE_CLOSE)
 
 
 def make_source(config: Config, clock: Clock, broker: DerivClient | None = None) -> EquitySource:

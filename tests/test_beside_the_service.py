@@ -10,7 +10,8 @@ import sys
 import time
 from decimal import Decimal
 
-from conftest import FUNDING, MT5, TOKEN, make_workspace, run_cli, write_status
+import pytest
+from conftest import FUNDING, MT5, TOKEN, ledger_url, make_workspace, run_cli, write_status
 
 from agent.broker.fake import Fault
 from agent.engine import transfers
@@ -23,7 +24,7 @@ ENV = {"DERIV_API_TOKEN": TOKEN}
 
 
 def ledger_rows(workspace) -> list[dict]:
-    ledger = Ledger(f"sqlite:///{workspace / 'ledger.db'}")
+    ledger = Ledger(ledger_url(workspace / "ledger.db"))
     try:
         with ledger.reader() as session:
             return [queries.transfer_record(t) for t in queries.list_transfers(session, queries.Filters())]
@@ -49,6 +50,7 @@ def test_a_stale_ea_file_does_not_top_up_twice(tmp_path, fake):
     assert deposits(fake) == 1 and fake.balance_of(MT5) == Decimal("1000.00")
 
 
+@pytest.mark.sqlite_only  # the lock file; on PostgreSQL: tests/test_beside_hosts.py
 def test_reconcile_beside_a_transfer_in_flight_leaves_it_to_its_owner(tmp_path, fake):
     """`run --once` waits for a reply that never comes (the broker applies the deposit late); an operator's
     `reconcile` past the settle window must not fail the sent row: its owner is alive."""
@@ -77,6 +79,7 @@ def test_reconcile_beside_a_transfer_in_flight_leaves_it_to_its_owner(tmp_path, 
     assert len(fake.transfers(FUNDING)) == 1
 
 
+@pytest.mark.sqlite_only  # the lock file; on PostgreSQL: tests/test_beside_hosts.py
 def test_run_once_beside_a_running_agent_refuses_and_names_it(tmp_path, fake):
     workspace = make_workspace(tmp_path, fake)
     write_status(workspace / "status", equity="450.00")
@@ -89,9 +92,10 @@ def test_run_once_beside_a_running_agent_refuses_and_names_it(tmp_path, fake):
     assert run_cli("run", "--once", cwd=workspace, env=ENV).returncode == 0  # once it has gone
 
 
+@pytest.mark.sqlite_only  # the lock file; on PostgreSQL: tests/test_beside_hosts.py
 def test_resolve_refuses_a_sent_transfer_its_live_owner_is_sending(tmp_path, fake):
     workspace = make_workspace(tmp_path, fake)
-    ledger = Ledger.open(f"sqlite:///{workspace / 'ledger.db'}")
+    ledger = Ledger.open(ledger_url(workspace / "ledger.db"))
     lock = InstanceLock(workspace / "ledger.db", "run").acquire()
     try:
         t = transfers.create_intent(ledger, at=utcnow(), account=MT5, funding=FUNDING, kind="top_up",

@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from conftest import FUNDING, MT5, TOKEN
+from conftest import FUNDING, MT5, TOKEN, ledger_url
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -401,7 +401,7 @@ CRAFTED = {
 @pytest.mark.parametrize("name", list(CRAFTED))
 def test_an_inconsistent_deposit_reply_leaves_the_transfer_unknown_never_failed(tmp_path, name):
     clock = Clock()
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger.open(ledger_url(tmp_path / "ledger.db"))
     with CraftedBroker(CRAFTED[name]) as server:
         broker = DerivClient(server.url, 1089, TOKEN, timeout=3.0)
         try:

@@ -53,6 +53,7 @@ NEWER_COMMANDS = [
 ]
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("args", NEWER_COMMANDS, ids=lambda a: " ".join(a[:2]))
 def test_a_ledger_from_a_newer_schema_is_refused_by_every_command(workspace, args):
     write_status(workspace / "status", equity="450.00")
@@ -72,6 +73,7 @@ def test_a_ledger_from_a_newer_schema_is_refused_by_every_command(workspace, arg
 
 # ---- a ledger sqlite cannot use ----
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("args", [("ledger",), ("status",), ("halts",), ("halt", MT5, "--reason", "review"),
                                   ("run", "--once"), ("plan",), ("db", "upgrade"), ("reconcile",)],
                          ids=lambda a: " ".join(a[:2]))
@@ -91,6 +93,7 @@ def test_a_ledger_that_is_not_a_database_is_named_with_the_reason(workspace, arg
     assert not [p for p in os.listdir(workspace) if ".bak-" in p]
 
 
+@pytest.mark.sqlite_only
 def test_a_ledger_that_refuses_a_write_is_one_line_without_sql(workspace):
     path = (workspace / "ledger.db").resolve()
     upgrade(f"sqlite:///{path}")
@@ -240,6 +243,7 @@ def test_an_empty_policies_folder_is_a_failure_that_says_so(tmp_path, fake, args
     assert result.stdout == ""
 
 
+@pytest.mark.sqlite_only
 def test_an_unknown_older_revision_is_refused_after_a_copy(workspace):
     path = (workspace / "ledger.db").resolve()
     upgrade(f"sqlite:///{path}")

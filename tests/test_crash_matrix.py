@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import FUNDING, MT5, TOKEN, make_fake, make_workspace, run_cli, write_status
+from conftest import FUNDING, MT5, POSTGRES, TOKEN, ledger_url, make_fake, make_workspace, run_cli, write_status
 
 from agent.crash import POINTS
 from agent.ledger import queries
 from agent.ledger.db import Ledger
 
 SEEDS = (1, 2)
+LEASE_TTL = 12.0  # more than the broker timeout (5 s) + 1 s + renewals: a run must have time to send
 DIRECTIONS = ("top_up", "sweep")
 
 
@@ -35,11 +36,16 @@ def one_case(root: Path, point: str, direction: str, seed: int) -> dict[str, obj
         workspace = make_workspace(root, fake, extra_broker="  settle_window: 1s\n")
         write_status(workspace / "status", equity=equity_for(direction, seed))
         env = {"DERIV_API_TOKEN": TOKEN}
+        if POSTGRES:  # a shared ledger: the dead run's leases must expire, and with them its chance to send
+            env.update({"FUND_AGENT_LEASE_TTL": str(LEASE_TTL), "FUND_AGENT_LEASE_RENEW": "1",
+                        "FUND_AGENT_BROKER_IDLE_CLOSE": "1"})
         crashed = run_cli("run", "--once", cwd=workspace, env={**env, "FUND_AGENT_CRASH_AT": point})
-        assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-        time.sleep(1.1)  # past the settle window, so that the restart can prove an absence
+        assert crashed.returncode == -signal.SIGKILL, (point, direction, seed, crashed.stdout, crashed.stderr)
+        # past the settle window, so that the restart can prove an absence (and on PostgreSQL past the lease and
+        # the broker's idle close after it: SIGKILL closed the dead run's connection, so nothing can follow)
+        time.sleep(1.1 if not POSTGRES else LEASE_TTL + 1.5)
         restarted = run_cli("run", "--once", cwd=workspace, env=env)
-        ledger = Ledger(f"sqlite:///{workspace / 'ledger.db'}")
+        ledger = Ledger(ledger_url(workspace / "ledger.db"))
         with ledger.session() as session:
             rows = [queries.transfer_record(t) for t in queries.list_transfers(session, queries.Filters())]
         ledger.close()

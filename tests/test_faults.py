@@ -9,7 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import FUNDING, MT5, TOKEN, FixedSource
+from conftest import FUNDING, MT5, TOKEN, FixedSource, ledger_url
 
 from agent.broker.deriv import DerivClient
 from agent.broker.errors import BrokerError
@@ -27,7 +27,7 @@ POLICY = parse_policy((Path(__file__).parent / "policies" / "good" / "base.yaml"
 @pytest.fixture
 def rig(tmp_path, fake):
     clock = Clock()
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger.open(ledger_url(tmp_path / "ledger.db"))
     broker = DerivClient(fake.url, 1089, TOKEN, timeout=0.5)
     broker.connect()
 

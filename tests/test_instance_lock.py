@@ -144,6 +144,7 @@ def test_holder_reads_the_json_and_tolerates_a_missing_or_torn_file(ledger):
         "another fund-agent is already running on this ledger and holds its lock ledger.db.lock; stop it first")
 
 
+@pytest.mark.sqlite_only  # the lock file; several hosts on PostgreSQL use leases
 def test_the_service_turns_a_held_lock_into_a_service_error(workspace):
     from agent.config import load_config
 

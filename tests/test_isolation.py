@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
-from conftest import FUNDING, MT5
+from conftest import FUNDING, MT5, ledger_url
 from test_shared_funding import Readings, policy_for
 
 from agent.broker.memory import MemoryBroker
@@ -31,7 +31,7 @@ def test_an_unexpected_error_in_one_account_leaves_the_others_evaluated(tmp_path
     broker.add_account(FUNDING, "USD", "10000.00")
     broker.add_account(MT5, "USD", "450.00", mt5=True)
     broker.add_account(OTHER, "USD", "450.00", mt5=True)
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger.open(ledger_url(tmp_path / "ledger.db"))
     try:
         engine = Engine(ledger, broker, OneBrokenTerminal(clock, {MT5: "450", OTHER: "450"}), clock, owner="t")
         broken = engine.tick_safely(policy_for(MT5))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import Receiver
+from conftest import Receiver, ledger_url
 
 from agent.ledger import queries
 from agent.ledger.db import Ledger
@@ -17,7 +17,7 @@ from agent.timeutil import ManualClock
 def setup(tmp_path, monkeypatch):
     receiver = Receiver()
     monkeypatch.setenv("TG_TOKEN", "123456:tg-s3cret-token")
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger = Ledger.open(ledger_url(tmp_path / "l.db"))
     clock = ManualClock(datetime(2026, 11, 25, 12, tzinfo=UTC))
     channels = [webhook_channel({"url": receiver.url + "/hook"}),
                 telegram_channel({"token_env": "TG_TOKEN", "chat_id": "42", "api_url": receiver.url,

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, quote_plus
 
 import pytest
-from conftest import Receiver
+from conftest import Receiver, ledger_url
 
 from agent import logs
 from agent.config import ConfigError
@@ -77,7 +77,7 @@ def own_secrets(monkeypatch):
 
 @pytest.fixture
 def ledger(tmp_path):
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger = Ledger.open(ledger_url(tmp_path / "l.db"))
     yield ledger
     ledger.close()
 

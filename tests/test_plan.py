@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 
+import pytest
 from conftest import TOKEN, run_cli, write_status
 
 
@@ -26,6 +27,7 @@ def test_plan_says_what_it_would_do_and_sends_nothing(workspace, fake):
     assert detailed.returncode == 2
 
 
+@pytest.mark.sqlite_only
 def test_plan_leaves_an_existing_ledger_byte_for_byte(workspace, fake):
     write_status(workspace / "status", equity="450.00")
     assert run_cli("run", "--once", cwd=workspace, env={"DERIV_API_TOKEN": TOKEN}).returncode == 0

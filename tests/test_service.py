@@ -128,6 +128,7 @@ def test_service_end_to_end(service_dir, fake):
     assert confirmed[0]["transfer"]["state"] == "confirmed" and confirmed[0]["time"].endswith("Z")
 
 
+@pytest.mark.sqlite_only  # the lock file; several hosts on PostgreSQL use leases
 def test_second_instance_on_the_same_ledger_refuses(service_dir, fake):
     workspace, _port, _sink = service_dir
     write_status(workspace / "status", equity="1500.00")

@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import FUNDING, MT5, TOKEN
+from conftest import FUNDING, MT5, TOKEN, ledger_url
 
 from agent.broker.deriv import DerivClient
 from agent.broker.fake import Fault
@@ -62,7 +62,7 @@ def rows(ledger: Ledger) -> list[dict]:
 
 @pytest.fixture
 def ledger(tmp_path):
-    opened = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    opened = Ledger.open(ledger_url(tmp_path / "ledger.db"))
     yield opened
     opened.close()
 

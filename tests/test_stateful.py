@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import FUNDING, MT5, TOKEN, FixedSource
+from conftest import FUNDING, MT5, TOKEN, FixedSource, ledger_url
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -53,7 +53,7 @@ class Machine(RuleBasedStateMachine):
         self.fake.add_account(MT5, "USD", "1500.00", mt5=True)
         self.fake.add_token(TOKEN, FUNDING)
         self.fake.start()
-        self.ledger = Ledger.open(f"sqlite:///{self.dir}/ledger.db")
+        self.ledger = Ledger.open(ledger_url(Path(self.dir) / "ledger.db"))
         self.broker = DerivClient(self.fake.url, 1089, TOKEN, timeout=2)
         self.source = FixedSource(self.clock)
         self.policy = VARIANTS[0]

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import FUNDING
+from conftest import FUNDING, ledger_url
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -91,7 +91,7 @@ class SharedFunding(RuleBasedStateMachine):
         self.broker.add_account(FUNDING, "USD", "3000.00")  # two top-ups fit above the reserve, not three
         for login in ACCOUNTS:
             self.broker.add_account(login, "USD", "1500.00", mt5=True)
-        self.ledger = Ledger.open(f"sqlite:///{self.dir}/ledger.db")
+        self.ledger = Ledger.open(ledger_url(Path(self.dir) / "ledger.db"))
         self.source = Terminals(self.clock, self.broker)
         self.variant = dict.fromkeys(ACCOUNTS, 0)
         self.lowest_funding = self.broker.balance_of(FUNDING)

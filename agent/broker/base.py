@@ -17,8 +17,37 @@ from/to {"loginid"}, longcode), newest first.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
+
+from agent.broker.errors import NotSent
+
+# The last word before a transfer's frame leaves: a callable that returns a reason not to send (e.g. this host's
+# lease on the account is about to run out), checked by every implementation immediately before it hands the
+# request to the wire. Set per thread/context by the engine around one transfer.
+_send_guard: ContextVar[Callable[[], str | None] | None] = ContextVar("send_guard", default=None)
+
+
+@contextmanager
+def send_guard(guard: Callable[[], str | None] | None) -> Iterator[None]:
+    token = _send_guard.set(guard)
+    try:
+        yield
+    finally:
+        _send_guard.reset(token)
+
+
+def check_send_guard(call: str) -> None:
+    """Raise NotSent (nothing moved: the frame never left) when the current guard says not to send."""
+    guard = _send_guard.get()
+    if guard is None:
+        return
+    reason = guard()
+    if reason:
+        raise NotSent(f"{call} not sent: {reason}")
 
 
 @runtime_checkable

@@ -69,6 +69,8 @@ class FakeState:
     statement: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # loginid -> rows, oldest first
     next_txn_id: int = 1000
     transfers_by_day: dict[str, int] = field(default_factory=dict)  # CR loginid + UTC date -> count
+    # other Deriv accounts of the token's user (one user, several funding accounts): transfers may come from them
+    siblings: dict[str, set[str]] = field(default_factory=dict)
 
 
 class FakeDeriv:
@@ -101,9 +103,12 @@ class FakeDeriv:
         with self.lock:
             self.state.accounts[loginid] = Account(loginid, currency, money.parse_amount(balance, currency), mt5)
 
-    def add_token(self, token: str, loginid: str, scopes: tuple[str, ...] = ("read", "payments")) -> None:
+    def add_token(self, token: str, loginid: str, scopes: tuple[str, ...] = ("read", "payments"),
+                  siblings: tuple[str, ...] = ()) -> None:
+        """`siblings`: the user's other Deriv accounts; their transfers count in the same daily count."""
         with self.lock:
             self.state.tokens[token] = (loginid, scopes)
+            self.state.siblings.setdefault(loginid, set()).update(siblings)
 
     def inject(self, fault: Fault) -> None:
         with self.lock:
@@ -420,7 +425,8 @@ class FakeDeriv:
         login = self._login(session)
         binary = self.state.accounts.get(binary_id)
         mt5 = self.state.accounts.get(mt5_id)
-        if binary is None or binary.mt5 or binary_id != login:
+        if binary is None or binary.mt5 or (binary_id != login
+                                            and binary_id not in self.state.siblings.get(login, set())):
             return _err("PermissionDenied", "Permission denied.")
         if mt5 is None or not mt5.mt5:
             return _err(error_code, "MT5 account is not available.")

@@ -32,6 +32,7 @@ from decimal import Decimal
 from typing import Any, NoReturn, TypeVar
 
 from agent import money
+from agent.broker.base import check_send_guard
 from agent.broker.deriv import Session
 from agent.broker.errors import BadReply, BrokerError, LostReply, NotSent
 from agent.broker.fake import Account  # the same account record as the Deriv-protocol server
@@ -315,6 +316,7 @@ class MemoryBroker:
         with self._lock:
             self._auto_connect()
             self._settle()
+            check_send_guard(call)
             fault = self._take_fault(call)
             if fault is not None and fault.mode == "not_sent":
                 self._raise_fault(call, fault)

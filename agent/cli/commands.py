@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from agent import output
+from agent import logs, output
 from agent.config import Config, ConfigError, find_config, load_config
 from agent.logs import redact
 from agent.policy.load import Problem, load_policies, policy_files
@@ -24,6 +24,27 @@ DECISION_COLUMNS = ["id", "at", "account", "policy", "action", "amount", "equity
                     "reason"]
 # Transfer ids are SQLite row ids and broker transaction ids positive 64-bit integers: anything else is a typo.
 ID = click.IntRange(1, 2**63 - 1)
+
+
+class _Duration(click.ParamType):
+    """`30s`, `15m`, `2h`, `1d`, as in the config and the policies."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from datetime import timedelta
+
+        from agent.timeutil import DurationError, parse_duration
+
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except DurationError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = _Duration()
 _STATE: dict[str, Any] = {}  # the configuration in use, for main()'s error lines
 
 
@@ -36,6 +57,11 @@ def _config(ctx: click.Context) -> Config:
     if "config" not in obj:
         obj["config"] = load_config(find_config(obj.get("config_path")))
         _STATE["config"] = obj["config"]
+        settings = obj["config"].logging
+        if settings.level and not obj.get("log_level"):
+            logs.choose_level(settings.level)
+        if settings.file is not None or settings.level:
+            logs.use_file(str(settings.file) if settings.file else None, settings.max_bytes, settings.backups)
     return obj["config"]
 
 
@@ -82,30 +108,41 @@ def _operator() -> str:
 @click.option("--config", "config_path", metavar="PATH", help="fund-agent.yaml (default: $FUND_AGENT_CONFIG or "
               "./fund-agent.yaml)")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              help="Log level of every command (default: warning; info for `run`; debug with --debug).")
 @click.version_option(package_name="fund-agent")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+def cli(ctx: click.Context, config_path: str | None, debug: bool, log_level: str | None) -> None:
     """fund-agent: keeps Deriv MT5 accounts funded and sweeps their profit, under your policy files."""
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj["log_level"] = log_level
+    logs.choose_level(log_level or ("debug" if debug else None))
+    logs.setup(logging.WARNING)  # the redacting formatter for every command; `run` raises it to info
 
 
 # ---- check ----
 
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--config-only", is_flag=True, help="Check fund-agent.yaml alone, not the policies.")
 @click.pass_context
-def check(ctx: click.Context, paths: tuple[Path, ...]) -> None:
-    """Validate policy files (default: the configured ones). Prints FILE:LINE: message per problem."""
+def check(ctx: click.Context, paths: tuple[Path, ...], config_only: bool) -> None:
+    """Validate fund-agent.yaml (when one is found) and the policy files (default: the configured ones).
+    Prints FILE:LINE: key: message per problem; exit 1 if any."""
+    if config_only and paths:
+        raise click.UsageError("--config-only checks the config alone: give no PATH")
+    config, config_ok = _check_config(ctx, required=config_only or not paths)
+    if config_only:
+        ctx.exit(EXIT_OK if config_ok else EXIT_FAIL)
     files: list[Path] = []
     if paths:
         for path in paths:
             files.extend(policy_files(path) if path.is_dir() else [path])
+    elif config is None:
+        ctx.exit(EXIT_FAIL)  # the config's problems are printed; without it there are no policies to find
     else:
-        config = _config(ctx)
         if not config.policies.exists():
             raise Failure(f"policies: {config.policies} does not exist")
         files = policy_files(config.policies)
@@ -114,15 +151,33 @@ def check(ctx: click.Context, paths: tuple[Path, ...]) -> None:
     policies, problems = load_policies(files)
     for problem in problems:
         click.echo(str(problem))
-    source = None
-    if not paths:
-        source = _config(ctx).equity.source
+    source = config.equity.source if config is not None and not paths else None
     for policy in policies:
         for warning in broker_warnings(policy, DEFAULT_BROKER, live=False, source=source):
             click.echo(str(warning))
         click.echo(f"{policy.path}: ok ({policy.name}, {policy.mt5})")
-    if problems:
+    if problems or not config_ok:
         ctx.exit(EXIT_FAIL)
+
+
+def _check_config(ctx: click.Context, required: bool) -> tuple[Config | None, bool]:
+    """Check the config when one is found (or `required`): its problems are printed like a policy's.
+    A file that cannot be read at all stays one error line (main prints it)."""
+    obj = ctx.ensure_object(dict)
+    path = find_config(obj.get("config_path"))
+    explicit = bool(obj.get("config_path"))  # --config names a file that must exist; the default may not
+    if not required and not explicit and not path.exists() and not path.is_symlink():
+        return None, True
+    try:
+        config = _config(ctx)
+    except ConfigError as exc:
+        if not exc.problems:
+            raise
+        for problem in exc.problems:
+            click.echo(str(problem))
+        return None, False
+    click.echo(f"{path}: ok (config)")
+    return config, True
 
 
 # ---- run ----
@@ -136,7 +191,7 @@ def run(ctx: click.Context, once: bool) -> None:
     from agent.instance_lock import LockHeld
     from agent.ledger.db import Ledger
     from agent.timeutil import Clock
-    from agent.wiring import make_broker, make_reconciler, make_source, take_ledger
+    from agent.wiring import make_broker, make_leases, make_reconciler, make_source, take_ledger
 
     config = _config(ctx)
     policies, problems = _policies(config, required=True)
@@ -153,7 +208,7 @@ def run(ctx: click.Context, once: bool) -> None:
         raise Failure(f"{exc} (or use `fund-agent plan` to see what a pass would do)") from None
     clock = Clock()
     try:
-        ledger = Ledger.open(config.database)
+        ledger = Ledger.open(config.database, password_env=config.database_password_env)
         try:
             source = make_source(config, clock, broker)
         except BaseException:
@@ -163,17 +218,28 @@ def run(ctx: click.Context, once: bool) -> None:
         access.release()
         raise
     ok = not problems and bool(policies)
+    leases = None
     try:
+        if access.ledger_path is None:  # a shared ledger: act only on the accounts no other agent holds
+            leases = make_leases(config, ledger, access.owner)
+            leases.sync((p.mt5 for p in policies), greedy=True)
         broker.connect()
-        reconciler = make_reconciler(config, ledger, broker, clock, access)
-        for verdict in reconciler.run():
-            click.echo(f"reconcile: {verdict}")
-        engine = Engine(ledger, broker, source, clock, reconciler=reconciler)
+        reconciler = make_reconciler(config, ledger, broker, clock, access, leases=leases)
+        accounts = sorted(leases.held()) if leases is not None else [None]
+        for account in accounts:
+            for verdict in reconciler.run(account):
+                click.echo(f"reconcile: {verdict}")
+        engine = Engine(ledger, broker, source, clock, reconciler=reconciler, leases=leases,
+                        lease_margin=config.broker.timeout + 1.0)
         for policy in policies:
+            if leases is not None and leases.time_left() < engine.lease_margin + leases.renew_every:
+                leases.sync((p.mt5 for p in policies), greedy=True)  # a long pass renews what it holds
             outcome = engine.tick_safely(policy)  # one account's unexpected error stays with that account
             click.echo(_outcome_line(outcome))
             ok = ok and outcome.ok
     finally:
+        if leases is not None:
+            leases.release_all()
         broker.close()
         source.close()
         ledger.close()
@@ -201,12 +267,10 @@ def _outcome_line(outcome: Any) -> str:
 
 @cli.command()
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when a transfer would be made.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=output.FORMAT, default="table", show_default=True)
 @click.pass_context
 def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
     """What `run --once` would do now, and why. Sends nothing, writes nothing."""
-    import json as _json
-
     from agent.engine.tick import Engine
     from agent.ledger.db import Ledger
     from agent.timeutil import Clock
@@ -217,7 +281,7 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
     for problem in problems:
         click.echo(str(problem), err=True)
     broker = make_broker(config, transfers=False)
-    ledger_ = Ledger.open_readonly(config.database)
+    ledger_ = Ledger.open_readonly(config.database, password_env=config.database_password_env)
     clock = Clock()
     source = make_source(config, clock, broker)
     would_transfer = False
@@ -246,8 +310,8 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
         source.close()
         if ledger_ is not None:
             ledger_.close()
-    if fmt == "json":
-        click.echo(_json.dumps(rows, indent=2))
+    if fmt != "table":
+        click.echo(output.render(rows, fmt, list(rows[0]) if rows else []))
     else:
         for row in rows:
             amount = f" {row['amount']}" if row["amount"] else ""
@@ -267,11 +331,11 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
 # ---- ledger and decisions ----
 
 def _filters(account: str | None, since: str | None, until: str | None, kind: str | None,
-             state: str | None) -> Any:
+             state: str | None, policy: str | None = None, funding: str | None = None) -> Any:
     from agent.ledger import queries
 
     return queries.Filters(account=account, since=_moment(since, "--since"), until=_moment(until, "--until"),
-                           kind=kind, state=state)
+                           kind=kind, state=state, policy=policy, funding=funding)
 
 
 def _moment(text: str | None, option: str) -> Any:
@@ -291,56 +355,74 @@ def _filter_options(func: Any) -> Any:
         click.option("--account", help="MT5 login, e.g. MTR130002534"),
         click.option("--since", metavar="ISO", help="from this UTC date or time (inclusive)"),
         click.option("--until", metavar="ISO", help="up to this UTC date or time (exclusive)"),
+        click.option("--policy", metavar="NAME", help="policy name (for halts: the accounts it manages)"),
+        click.option("--funding", metavar="LOGIN", help="funding account, e.g. CR4000128 (for decisions and "
+                     "halts: the accounts whose transfers it paid or received)"),
         click.option("--format", "fmt", type=click.Choice(output.FORMATS), default="table", show_default=True),
+        click.option("--totals", is_flag=True, help="Counts (and sums) per group instead of rows, in SQL."),
+        click.option("--by", type=click.Choice(["day", "week", "month"]),
+                     help="With --totals (or --net): one group per UTC day, week (from Monday) or month too."),
     ]):
         func = option(func)
     return func
+
+
+def _check_by(by: str | None, grouped: bool) -> None:
+    if by and not grouped:
+        raise click.UsageError("--by goes with --totals (or, for ledger, --net)")
 
 
 @cli.command()
 @_filter_options
 @click.option("--kind", type=click.Choice(["top_up", "sweep"]))
 @click.option("--state", type=click.Choice(["pending", "sent", "confirmed", "failed", "unknown"]))
-@click.option("--totals", is_flag=True, help="Sums by account and kind instead of rows.")
+@click.option("--net", is_flag=True, help="Confirmed net flow (top-ups - sweeps) per account and per funding "
+              "account.")
 @click.pass_context
-def ledger(ctx: click.Context, account: str | None, since: str | None, until: str | None, fmt: str,
-           kind: str | None, state: str | None, totals: bool) -> None:
+def ledger(ctx: click.Context, account: str | None, since: str | None, until: str | None, policy: str | None,
+           funding: str | None, fmt: str, totals: bool, by: str | None, kind: str | None, state: str | None,
+           net: bool) -> None:
     """The transfer ledger."""
+    from agent.audit import questions
     from agent.ledger import queries
 
-    filters = _filters(account, since, until, kind, state)
-    records = _read(ctx, lambda s: [queries.transfer_record(t) for t in queries.list_transfers(s, filters)])
+    _check_by(by, totals or net)
+    if totals and net:
+        raise click.UsageError("give one of --totals and --net")
+    filters = _filters(account, since, until, kind, state, policy, funding)
+    period = ["period"] if by else []
     if totals:
-        records = _totals(records)
-        click.echo(output.render(records, fmt, ["account", "kind", "currency", "state", "count", "amount"]))
+        records = _read(ctx, lambda s: questions.transfer_totals(s, filters, by))
+        click.echo(output.render(records, fmt, [*period, "account", "kind", "currency", "state", "count", "amount"]))
         return
+    if net:
+        records = _read(ctx, lambda s: questions.net_flow(s, filters, by))
+        click.echo(output.render(records, fmt, [*period, "scope", "login", "currency", "top_up", "sweep", "net",
+                                                "top_up_count", "sweep_count"]))
+        return
+    records = _read(ctx, lambda s: [queries.transfer_record(t) for t in queries.list_transfers(s, filters)])
     click.echo(output.render(records, fmt, LEDGER_COLUMNS))
-
-
-def _totals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from decimal import Decimal
-
-    sums: dict[tuple[str, str, str, str], list[Any]] = {}
-    for r in records:
-        key = (r["account"], r["kind"], r["currency"], r["state"])
-        entry = sums.setdefault(key, [0, Decimal(0)])
-        entry[0] += 1
-        entry[1] += Decimal(r["amount"])
-    return [{"account": k[0], "kind": k[1], "currency": k[2], "state": k[3], "count": v[0], "amount": str(v[1])}
-            for k, v in sorted(sums.items())]
 
 
 @cli.command()
 @_filter_options
-@click.option("--kind", help="action: top_up, sweep or none")
+@click.option("--kind", help="action: top_up, sweep, none or error")
 @click.option("--state", help="same as --kind (decisions have an action, not a state)")
 @click.pass_context
-def decisions(ctx: click.Context, account: str | None, since: str | None, until: str | None, fmt: str,
-              kind: str | None, state: str | None) -> None:
+def decisions(ctx: click.Context, account: str | None, since: str | None, until: str | None, policy: str | None,
+              funding: str | None, fmt: str, totals: bool, by: str | None, kind: str | None,
+              state: str | None) -> None:
     """Every evaluation, including those that did nothing, and why."""
+    from agent.audit import questions
     from agent.ledger import queries
 
-    filters = _filters(account, since, until, kind, state)
+    _check_by(by, totals)
+    filters = _filters(account, since, until, kind, state, policy, funding)
+    if totals:
+        records = _read(ctx, lambda s: questions.decision_totals(s, filters, by))
+        click.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "policy", "action",
+                                                "count"]))
+        return
     records = _read(ctx, lambda s: [queries.decision_record(d) for d in queries.list_decisions(s, filters)])
     click.echo(output.render(records, fmt, DECISION_COLUMNS))
 
@@ -349,7 +431,7 @@ def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
     from agent.ledger.db import Ledger
 
     config = _config(ctx)
-    opened = Ledger.open_readonly(config.database)
+    opened = Ledger.open_readonly(config.database, password_env=config.database_password_env)
     if opened is None:
         return []
     try:
@@ -362,32 +444,32 @@ def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
 # ---- status ----
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=output.FORMAT, default="table", show_default=True)
+@click.option("--check", "probe", is_flag=True, help="A monitoring probe: exit 1 when an account is halted, has "
+              "an unresolved transfer or no fresh reading (each reason on stderr).")
 @click.pass_context
-def status(ctx: click.Context, fmt: str) -> None:
+def status(ctx: click.Context, fmt: str, probe: bool) -> None:
     """Per account: last equity and its age, policy, window usage, halts, unresolved transfers, last error."""
-    import json as _json
-
-    from agent.ledger.db import Ledger
-    from agent.status import account_status, render_text
-    from agent.timeutil import utcnow
+    from agent.status import read_status, render_text
 
     config = _config(ctx)
     policies, problems = _policies(config)
     for problem in problems:
         click.echo(str(problem), err=True)
-    opened = Ledger.open_readonly(config.database)
-    rows = []
-    try:
-        if opened is not None:
-            with opened.reader() as session:
-                rows = [account_status(session, p, utcnow()) for p in policies]
-        else:
-            rows = [account_status(None, p, utcnow()) for p in policies]
-    finally:
-        if opened is not None:
-            opened.close()
-    click.echo(_json.dumps(rows, indent=2) if fmt == "json" else render_text(rows))
+    rows = read_status(config, policies)
+    if fmt == "table":
+        click.echo(render_text(rows))
+    else:
+        click.echo(output.render(rows, fmt, list(rows[0]) if rows else []))
+    if probe:
+        reasons = [f"{row['account']}: {why}" for row in rows for why in row["problems"]]
+        for reason in reasons:
+            click.echo(f"check failed: {reason}", err=True)
+        if not rows:
+            click.echo("check failed: no policy in force", err=True)
+        if reasons or not rows:
+            ctx.exit(EXIT_FAIL)
+        click.echo(f"check ok: {len(rows)} account(s) fresh, none halted, nothing unresolved", err=True)
     if problems:
         ctx.exit(EXIT_FAIL)
 
@@ -410,7 +492,7 @@ def halt(ctx: click.Context, account: str, reason: str) -> None:
     if not reason.strip():
         raise click.BadParameter("give a reason: it is recorded in the ledger", param_hint="--reason")
     config = _config(ctx)
-    ledger_ = Ledger.open(config.database)
+    ledger_ = Ledger.open(config.database, password_env=config.database_password_env)
     try:
         with ledger_.session() as session:
             queries.add_halt(session, account, "operator", reason, utcnow(), f"operator:{_operator()}")
@@ -439,7 +521,7 @@ def resume(ctx: click.Context, account: str) -> None:
     from agent.timeutil import utcnow
 
     config = _config(ctx)
-    ledger_ = Ledger.open(config.database)
+    ledger_ = Ledger.open(config.database, password_env=config.database_password_env)
     try:
         with ledger_.session() as session:
             cleared = queries.clear_halts(session, account, utcnow(), f"operator:{_operator()}")
@@ -453,7 +535,9 @@ def resume(ctx: click.Context, account: str) -> None:
 
 @cli.command()
 @click.pass_context
-def reconcile(ctx: click.Context) -> None:
+@click.option("--lookback", type=DURATION, default="1d", show_default=True,
+              help="How far back the reverse check reads the funding accounts' statements.")
+def reconcile(ctx: click.Context, lookback: Any) -> None:
     """Resolve sent/unknown transfers against the broker's statement; print what was decided."""
     from agent.ledger.db import Ledger
     from agent.timeutil import Clock
@@ -463,11 +547,13 @@ def reconcile(ctx: click.Context) -> None:
     broker = make_broker(config, transfers=False)
     # Beside a running agent this goes on without the lock: that agent's in-flight transfers are left to it.
     access = take_ledger(config, "reconcile", required=False)
+    clock = Clock()
     try:
-        ledger_ = Ledger.open(config.database)
+        ledger_ = Ledger.open(config.database, password_env=config.database_password_env)
         try:
             broker.connect()
-            verdicts = make_reconciler(config, ledger_, broker, Clock(), access).run()
+            verdicts = make_reconciler(config, ledger_, broker, clock, access).run()
+            unknown_moves = _unlinked_moves(ledger_, broker, clock.now() - lookback, clock.now())
         finally:
             broker.close()
             ledger_.close()
@@ -477,8 +563,49 @@ def reconcile(ctx: click.Context) -> None:
         click.echo(str(verdict))
     if not verdicts:
         click.echo("nothing to reconcile: no pending, sent or unknown transfers")
-    if any(v.after in ("sent", "unknown", "pending") for v in verdicts):
+    for line in unknown_moves:
+        click.echo(line)
+    if any(v.after in ("sent", "unknown", "pending") for v in verdicts) or unknown_moves:
         ctx.exit(EXIT_FAIL)
+
+
+def _unlinked_moves(ledger_: Any, broker: Any, since: Any, until: Any) -> list[str]:
+    """The reverse check: transfers with our app_id in the funding accounts' statements that no ledger row
+    links (money moved that the ledger does not know), leaving out those an unresolved row may be."""
+    from agent.audit.verify import signed, unlinked_statement_rows
+    from agent.engine.reconcile import matches
+    from agent.ledger import queries
+    from agent.ledger.models import FundingAccount, Transfer
+
+    with ledger_.reader() as session:
+        fundings = sorted(set(session.scalars(select_distinct(Transfer.funding)))
+                          | set(session.scalars(select_distinct(FundingAccount.login))))
+        open_rows = queries.unresolved(session)
+        lines = []
+        for funding in fundings:
+            rows: list[dict[str, Any]] = []
+            offset = 0
+            while True:
+                page = broker.statement(int(since.timestamp()), int(until.timestamp()), limit=999, offset=offset,
+                                        loginid=funding)
+                rows.extend(page)
+                if len(page) < 999:
+                    break
+                offset += len(page)
+            for row in unlinked_statement_rows(session, rows, broker.app_id):
+                if any(matches(row, t, broker.app_id) for t in open_rows):
+                    continue  # still being settled: the verdicts above say how
+                other = (row.get("to") or {}).get("loginid") if (row.get("from") or {}).get("loginid") == funding \
+                    else (row.get("from") or {}).get("loginid")
+                lines.append(f"not in ledger: txn {row['transaction_id']} amount {signed(row)} account {other} "
+                             f"(funding {funding}): money moved that no ledger row records")
+    return lines
+
+
+def select_distinct(column: Any) -> Any:
+    from sqlalchemy import select
+
+    return select(column).distinct()
 
 
 @cli.command()
@@ -497,7 +624,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
     from agent.ledger.db import Ledger
     from agent.ledger.models import Transfer
     from agent.timeutil import utcnow
-    from agent.wiring import take_ledger
+    from agent.wiring import live_owner_check, take_ledger
 
     if (txn_id is None) == (not failed):
         raise click.UsageError("give exactly one of --confirmed TXN_ID or --failed --reason TEXT")
@@ -506,7 +633,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
     config = _config(ctx)
     access = take_ledger(config, "resolve", required=False)
     try:
-        ledger_ = Ledger.open(config.database)
+        ledger_ = Ledger.open(config.database, password_env=config.database_password_env)
     except BaseException:
         access.release()
         raise
@@ -521,7 +648,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
                 raise Failure(f"transfer {transfer_id} is {transfer.state}: only sent or unknown transfers are "
                               "resolved by hand")
             state = transfer.state
-            live = access.live_owner(transfer.owner) if state == "sent" else None
+            live = live_owner_check(config, ledger_, access)(transfer.owner) if state == "sent" else None
         if live is not None:
             raise Failure(f"transfer {transfer_id} is sent and in flight in {live}: its reply settles it; "
                           "resolve it by hand only once it is unknown (or that agent is stopped)")
@@ -551,29 +678,24 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
 
 
 @cli.command()
-@click.option("--account", help="MT5 login, e.g. MTR130002534")
+@_filter_options
+@click.option("--kind", help="operator, kill_switch, unresolved or operator_needed")
 @click.option("--all", "show_all", is_flag=True, help="Include halts already cleared by `resume`.")
-@click.option("--format", "fmt", type=click.Choice(output.FORMATS), default="table", show_default=True)
 @click.pass_context
-def halts(ctx: click.Context, account: str | None, show_all: bool, fmt: str) -> None:
+def halts(ctx: click.Context, account: str | None, since: str | None, until: str | None, policy: str | None,
+          funding: str | None, fmt: str, totals: bool, by: str | None, kind: str | None, show_all: bool) -> None:
     """Halts (operator, kill switch, unresolved, operator needed): active ones, or all with --all."""
-    from sqlalchemy import select
+    from agent.audit import questions
+    from agent.ledger import queries
 
-    from agent.ledger.models import Halt
-    from agent.timeutil import iso
-
-    def query(session: Any) -> list[dict[str, Any]]:
-        statement = select(Halt).order_by(Halt.id)
-        if account:
-            statement = statement.where(Halt.account == account)
-        if not show_all:
-            statement = statement.where(Halt.cleared_at.is_(None))
-        return [{"id": h.id, "account": h.account, "kind": h.kind, "scope": h.scope, "reason": h.reason,
-                 "created_at": iso(h.created_at), "created_by": h.created_by,
-                 "cleared_at": iso(h.cleared_at) if h.cleared_at else None, "cleared_by": h.cleared_by}
-                for h in session.scalars(statement)]
-
-    records = _read(ctx, query)
+    _check_by(by, totals)
+    filters = _filters(account, since, until, kind, None, policy, funding)
+    if totals:
+        records = _read(ctx, lambda s: questions.halt_totals(s, filters, by, active_only=not show_all))
+        click.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "kind", "count", "active"]))
+        return
+    records = _read(ctx, lambda s: [queries.halt_record(h)
+                                    for h in queries.list_halts(s, filters, active_only=not show_all)])
     click.echo(output.render(records, fmt, ["id", "account", "kind", "scope", "created_at", "created_by",
                                             "cleared_at", "reason"]))
 
@@ -592,7 +714,7 @@ def db_upgrade(ctx: click.Context) -> None:
     from agent.ledger.db import upgrade
 
     config = _config(ctx)
-    before, after, backup = upgrade(config.database)
+    before, after, backup = upgrade(config.database, password_env=config.database_password_env)
     if before == after:
         click.echo(f"ledger already at revision {after}")
     else:

@@ -3,8 +3,9 @@
 Accounts that share a funding account share its balance and its reserve: their evaluations must never
 interleave between "read the funding balance" and "commit the intent", or two of them spend the same money.
 In one process a lock keyed by the funding login serializes them; accounts on different funding accounts still
-run in parallel. Across processes or hosts the same rule becomes a row lock on `funding_accounts` (the
-scale-out issue): callers only ever use `Lanes.hold`, so the mechanism can change behind it.
+run in parallel. Across processes or hosts (a shared PostgreSQL ledger) the intent's own transaction locks the
+funding account's row (`transfers.lock_funding`, FOR UPDATE) and counts again what other hosts committed since
+the balance was read (`Engine._intent_check`): the lane keeps one process orderly, the row lock keeps hosts so.
 """
 
 from __future__ import annotations

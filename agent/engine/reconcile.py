@@ -28,10 +28,11 @@ from sqlalchemy.exc import IntegrityError
 from agent import money
 from agent.broker.base import Broker
 from agent.broker.errors import BrokerError
-from agent.engine.transfers import StateError, in_flight_here, settle
+from agent.engine.transfers import Fence, StateError, in_flight_here, settle
 from agent.equity.base import login_digits
 from agent.ledger import queries
 from agent.ledger.db import Ledger
+from agent.ledger.leases import Fenced
 from agent.ledger.models import Transfer
 from agent.timeutil import Clock, iso
 
@@ -86,13 +87,22 @@ LiveOwner = Callable[[str | None], str | None]
 class Reconciler:
     def __init__(self, ledger: Ledger, broker: Broker, clock: Clock,
                  settle_window: timedelta = timedelta(minutes=2), *, owner: str | None = None,
-                 live_owner: LiveOwner | None = None) -> None:
+                 live_owner: LiveOwner | None = None, fence: Fence | None = None,
+                 lease_holds: Callable[[str], bool] | None = None,
+                 foreign_send: LiveOwner | None = None) -> None:
         self.ledger = ledger
         self.broker = broker
         self.clock = clock
         self.settle_window = settle_window
         self.owner = owner  # this process's owner id: the transfers it creates carry it
         self.live_owner = live_owner
+        # Several hosts: this process settles an account's rows only under its lease (fence), and an account whose
+        # lease it holds has no other live owner of in-flight rows (the old holder can no longer write them).
+        self.fence = fence
+        self.lease_holds = lease_holds
+        # A shared ledger: another agent that made a `sent` row may be frozen, not gone, and send it when it wakes:
+        # says why its absence from the statement proves nothing yet (None: it cannot send it any more).
+        self.foreign_send = foreign_send
 
     def run(self, account: str | None = None) -> list[Verdict]:
         with self.ledger.reader() as session:
@@ -107,6 +117,8 @@ class Reconciler:
             return "this process"
         if t.owner is not None and t.owner == self.owner:
             return None  # ours, and not in flight here: left behind by an error in this process
+        if self.lease_holds is not None and self.lease_holds(t.account):
+            return None  # its owner lost the lease to us: fenced, it can neither send it nor settle it
         return self.live_owner(t.owner) if self.live_owner is not None else None
 
     def resolve_one(self, t: Transfer) -> Verdict:
@@ -115,6 +127,8 @@ class Reconciler:
             return Verdict(t.id, t.account, t.state, t.state, None, f"in flight in {holder}: left to it")
         try:
             return self._resolve(t)
+        except Fenced as exc:
+            return Verdict(t.id, t.account, t.state, t.state, None, f"not settled here: {exc}")
         except StateError as exc:
             with self.ledger.reader() as session:
                 current = session.get(Transfer, t.id)
@@ -124,7 +138,8 @@ class Reconciler:
     def _resolve(self, t: Transfer) -> Verdict:
         now = self.clock.now()
         if t.state == "pending":
-            settle(self.ledger, t.id, "failed", now, "reconcile", expected="pending", error_code="NotSent",
+            settle(self.ledger, t.id, "failed", now, "reconcile", expected="pending", fence=self.fence,
+                   error_code="NotSent",
                    error_message="the agent stopped after recording the intent and before sending it")
             return Verdict(t.id, t.account, "pending", "failed", None, "never sent: the agent stopped before sending")
         try:
@@ -137,7 +152,8 @@ class Reconciler:
             txn = int(chosen[0]["transaction_id"])
             how = "" if chosen[0].get("app_id") is not None else " (the row records no app_id)"
             try:
-                settle(self.ledger, t.id, "confirmed", now, "reconcile", expected=t.state, broker_txn_id=txn,
+                settle(self.ledger, t.id, "confirmed", now, "reconcile", expected=t.state, fence=self.fence,
+                       broker_txn_id=txn,
                        resolved_by="reconcile", detail=f"statement row {txn} matches{how}")
             except IntegrityError:
                 return self._keep(t, f"statement row {txn} matches, but another transfer links it now", halt=True)
@@ -158,10 +174,15 @@ class Reconciler:
             return self._keep(t, "the funding account shows no credit, which proves nothing for a withdrawal (MT5 "
                               "is debited first, the funding credit may come later); it stays unknown until the "
                               f"credit appears, or settle it with `fund-agent resolve {t.id}`", halt=True)
+        if self.foreign_send is not None and t.owner != self.owner and not in_flight_here(t.id):
+            waiting = self.foreign_send(t.owner)
+            if waiting:
+                return self._keep(t, f"not in the statement yet, but {waiting}", halt=False)
         consistent, why = self._funding_consistent(t)
         if not consistent:
             return self._keep(t, f"not in the statement, but {why}", halt=True)
-        settle(self.ledger, t.id, "failed", now, "reconcile", expected=t.state, resolved_by="reconcile",
+        settle(self.ledger, t.id, "failed", now, "reconcile", expected=t.state, fence=self.fence,
+               resolved_by="reconcile",
                error_code=t.error_code or "NotExecuted",
                error_message=(t.error_message + "; " if t.error_message else "")
                + "absent from the broker's statement after the settle window")
@@ -208,9 +229,12 @@ class Reconciler:
     def _keep(self, t: Transfer, reason: str, halt: bool) -> Verdict:
         now = self.clock.now()
         if t.state == "sent" and halt:
-            settle(self.ledger, t.id, "unknown", now, "reconcile", expected="sent", detail=reason)
+            settle(self.ledger, t.id, "unknown", now, "reconcile", expected="sent", detail=reason,
+                   fence=self.fence)
         if halt:
             with self.ledger.session() as session:
+                if self.fence is not None:
+                    self.fence(session, t.account)
                 already = any(h.kind == "unresolved" for h in queries.active_halts(session, t.account))
                 if not already:
                     queries.add_halt(session, t.account, "unresolved", f"transfer {t.id}: {reason}", now,
@@ -226,6 +250,8 @@ class Reconciler:
             current = session.get(Transfer, t.id)
             if current is None or current.state != "failed":
                 return
+            if self.fence is not None:
+                self.fence(session, t.account)
             message = (f"transfer {t.id} is failed, but the broker's statement row {txn} matches it: money moved; "
                        "check it and settle the ledger by hand")
             log.error("%s", message)

@@ -6,9 +6,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from agent import logs, money
 from agent.broker.base import Broker
@@ -19,6 +21,7 @@ from agent.engine.reconcile import Reconciler
 from agent.equity.base import EquitySource, NoReading, Snapshot
 from agent.ledger import queries
 from agent.ledger.db import Ledger
+from agent.ledger.leases import Fenced, Leases
 from agent.ledger.models import Transfer
 from agent.policy.evaluate import BrokerLimits, Decision, evaluate
 from agent.policy.model import Policy
@@ -27,10 +30,41 @@ from agent.timeutil import Clock
 log = logging.getLogger("agent.engine")
 
 STATUS_TTL = 3600.0  # website_status limits change rarely: re-read hourly
+# How far the clocks of hosts that share a ledger may differ (they run NTP): a transfer another host confirmed
+# up to this long before our balance read is counted as possibly missing from it.
+HOST_CLOCK_SKEW = timedelta(seconds=1)
 # Decisions whose reading must not move the recorded equity peak: no usable reading, or one that may or may not
 # show a transfer (an unresolved one, or one it predates).
 NOT_A_PEAK = frozenset({"stale", "no_reading", "currency", "future_reading", "reading_predates_transfer",
                         "unresolved"})
+
+
+def _limits_of(mt5: dict[str, Any], daily: dict[str, Any]) -> BrokerLimits:
+    def dec(value: Any) -> Decimal | None:
+        return Decimal(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
+
+    def whole(value: Any) -> int | None:
+        return int(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
+
+    return BrokerLimits(min_amount=dec(mt5.get("min")), max_amount=dec(mt5.get("max")),
+                        daily_count=whole(daily.get("allowed")), daily_available=whole(daily.get("available")))
+
+
+def _refusal_or(read: Callable[[], Any]) -> Any:
+    """The call's result, or the broker's refusal (a BrokerError) as a value; a lost reply or an unsent request
+    raises at once."""
+    try:
+        return read()
+    except (NotSent, LostReply):
+        raise
+    except BrokerError as exc:
+        return exc
+
+
+def leases_send_margin(engine: Engine) -> float:
+    """Lease time that must be left when a transfer's frame leaves: the longest wait for its reply."""
+    timeout = getattr(engine.broker, "timeout", None)
+    return float(timeout) + 1.0 if isinstance(timeout, (int, float)) else 5.0
 
 
 @dataclass
@@ -57,7 +91,7 @@ class Engine:
     def __init__(self, ledger: Ledger | None, broker: Broker | None, source: EquitySource, clock: Clock,
                  on_outcome: Callable[[TickOutcome], None] | None = None,
                  reconciler: Reconciler | None = None, owner: str | None = None,
-                 lanes: Lanes | None = None) -> None:
+                 lanes: Lanes | None = None, leases: Leases | None = None, lease_margin: float = 20.0) -> None:
         self.reconciler = reconciler
         self.owner = owner or (reconciler.owner if reconciler is not None else None)
         self.lanes = lanes or Lanes()
@@ -67,6 +101,11 @@ class Engine:
         self.clock = clock
         self.on_outcome = on_outcome
         self._status: tuple[float, dict[str, Any]] | None = None
+        # Several hosts on one ledger: act on an account only while holding its lease with at least
+        # `lease_margin` seconds left (more than a transfer can take), and fence every money write.
+        self.leases = leases
+        self.lease_margin = lease_margin
+        self.fence = leases.check if leases is not None else None
 
     # ---- broker facts ----
 
@@ -93,15 +132,47 @@ class Engine:
             raise
         except BrokerError as exc:
             log.warning("get_limits refused (%s): daily transfer count unknown, the broker enforces it", exc.code)
+        return _limits_of(mt5, daily)
 
-        def dec(value: Any) -> Decimal | None:
-            return Decimal(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
-
-        def whole(value: Any) -> int | None:
-            return int(value) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else None
-
-        return BrokerLimits(min_amount=dec(mt5.get("min")), max_amount=dec(mt5.get("max")),
-                            daily_count=whole(daily.get("allowed")), daily_available=whole(daily.get("available")))
+    def _limits_and_balance(self, policy: Policy) -> tuple[BrokerLimits, tuple[Decimal, str]]:
+        """What a transfer decision reads from the broker: the live limits (`broker_limits`' rules) and the
+        funding balance. A client that can (DerivClient.balance_and_limits) sends the calls together on its one
+        connection: one round trip. A lost reply or an unsent request of any of them raises, as before."""
+        assert self.broker is not None
+        broker = self.broker
+        stale = self._status is None or time.monotonic() - self._status[0] > STATUS_TTL
+        together = getattr(broker, "balance_and_limits", None)
+        status: dict[str, Any] | BrokerError | None
+        daily_body: dict[str, Any] | BrokerError
+        balance: tuple[Decimal, str] | BrokerError
+        if together is not None:
+            balance, daily_body, status = together(policy.funding, website_status=stale)
+        else:  # one call after the other, stopping at the first transport failure
+            status = _refusal_or(broker.website_status) if stale else None
+            daily_body = _refusal_or(broker.get_limits)
+            balance = _refusal_or(lambda: broker.balance(policy.funding))
+        for result in (status, daily_body, balance):
+            if isinstance(result, (NotSent, LostReply)):
+                raise result
+        mt5: dict[str, Any] = {}
+        if isinstance(status, BrokerError):
+            log.warning("website_status refused (%s): per-transfer limits unknown, the broker enforces them",
+                        status.code)
+        else:
+            if status is not None:
+                self._status = (time.monotonic(), status)
+            if self._status is not None:
+                config = (self._status[1].get("currencies_config") or {}).get(policy.currency) or {}
+                mt5 = (config.get("transfer_between_accounts") or {}).get("limits_mt5") or {}
+        daily: dict[str, Any] = {}
+        if isinstance(daily_body, BrokerError):
+            log.warning("get_limits refused (%s): daily transfer count unknown, the broker enforces it",
+                        daily_body.code)
+        else:
+            daily = (daily_body.get("daily_transfers") or {}).get("mt5") or {}
+        if isinstance(balance, BrokerError):
+            raise balance
+        return _limits_of(mt5, daily), balance
 
     def _needs_broker(self, policy: Policy, snapshot: Snapshot) -> bool:
         if policy.top_up is not None and snapshot.equity < policy.top_up.when_equity_below:
@@ -134,6 +205,11 @@ class Engine:
 
     def tick(self, policy: Policy, execute: bool = True) -> TickOutcome:
         """execute=False is `plan`: the same reads and decision, no writes, nothing sent."""
+        if execute and self.leases is not None and not self.leases.holds(policy.mt5, self.lease_margin):
+            # another agent acts on it (or our claim is too close to its end to start anything): not ours to
+            # evaluate; nothing is written
+            return TickOutcome(policy, Decision("none", None, "not evaluated here: this agent holds no current "
+                                                "lease on the account", bound_by="lease"), None)
         snapshot: Snapshot | None = None
         no_reading = None
         try:
@@ -142,7 +218,7 @@ class Engine:
             no_reading = str(exc)
         if self.ledger is not None and execute and self.reconciler is not None:
             with self.ledger.reader() as session:
-                open_rows = bool(queries.unresolved(session, policy.mt5))
+                open_rows = queries.has_unresolved(session, policy.mt5)
             if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
                 for verdict in self.reconciler.run(policy.mt5):
                     log.warning("%s", verdict)
@@ -172,14 +248,15 @@ class Engine:
         funding_balance = None
         limits = BrokerLimits()
         broker_error = None
+        read_at = now
         if needs_broker and not usage.unresolved:
             assert self.broker is not None
             try:
-                limits = self.broker_limits(policy.currency)
+                read_at = self.clock.now()
+                limits, (balance, currency) = self._limits_and_balance(policy)
                 if limits.daily_available is not None and unresolved_anywhere:
                     # an unresolved transfer may already count at the broker, or may still: count it as used
                     limits = replace(limits, daily_available=limits.daily_available - unresolved_anywhere)
-                balance, currency = self.broker.balance(policy.funding)
                 if currency == policy.currency:
                     funding_balance = balance
                 else:
@@ -193,42 +270,105 @@ class Engine:
         outcome = TickOutcome(policy, decision, snapshot)
         transfer = None
         if execute and self.ledger is not None:
-            transfer = self._record(policy, snapshot, outcome, now)
+            check = None
+            if self.leases is not None and decision.transfers:
+                check = self._intent_check(policy, decision, funding_balance, limits, unresolved_anywhere, read_at)
+            transfer = self._record(policy, snapshot, outcome, now, check)
         return outcome, transfer
 
+    def _intent_check(self, policy: Policy, decision: Decision, funding_balance: Decimal | None,
+                      limits: BrokerLimits, counted: int, read_at: datetime) -> transfers.IntentCheck:
+        """Several hosts: the decision was made on a funding balance and a daily count read before the funding
+        account's row was locked. Under the lock, count again what other hosts committed since: every unresolved
+        top-up from this funding account, and those confirmed since the balance was read (the balance may not
+        show them yet), against the reserve; every unresolved transfer and every one confirmed since against
+        the daily count (one token, one Deriv user: counted over the whole ledger, never under)."""
+        amount = decision.amount or Decimal(0)
+        since = read_at - HOST_CLOCK_SKEW
+        reserve = policy.limits.funding_reserve or Decimal(0)
+        raw_available = None if limits.daily_available is None else limits.daily_available + counted
+
+        def check(session: Any) -> str | None:
+            if decision.action == "top_up" and funding_balance is not None:
+                spent = (queries.funding_in_flight(session, policy.funding)
+                         + queries.funding_confirmed_since(session, policy.funding, since))
+                if funding_balance - spent - amount < reserve:
+                    return (f"funding account {policy.funding}: other transfers took its money meanwhile "
+                            f"(balance {funding_balance}, {spent} in flight or just moved, reserve {reserve}): "
+                            "decided again at the next evaluation")
+            if raw_available is not None:
+                used = queries.unresolved_count(session) + queries.confirmed_since(session, since)
+                if raw_available - used < 1:
+                    return ("the broker's daily transfer count was used up by other transfers meanwhile: "
+                            "decided again at the next evaluation")
+            return None
+
+        return check
+
     def _record(self, policy: Policy, snapshot: Snapshot | None, outcome: TickOutcome,
-                now: datetime) -> Transfer | None:
-        """Commit the intent (if any), the decision, the equity peak and a kill-switch halt."""
+                now: datetime, check: transfers.IntentCheck | None = None) -> Transfer | None:
+        """Commit the intent (if any) together with its decision, the equity peak and a kill-switch halt: one
+        transaction, so a top-up costs one commit before `pending -> sent`. A decision without an intent (or
+        whose intent was refused) is committed on its own."""
         assert self.ledger is not None
         decision = outcome.decision
         equity = snapshot.equity if snapshot is not None else None
         age = int((now - snapshot.taken_at).total_seconds()) if snapshot is not None else None
-        transfer = None
-        if decision.transfers and self.broker is not None and equity is not None:
-            assert decision.amount is not None
-            try:
-                transfer = transfers.create_intent(
-                    self.ledger, at=now, account=policy.mt5, funding=policy.funding, kind=decision.action,
-                    amount=decision.amount, currency=policy.currency, policy=policy.name,
-                    policy_sha256=policy.sha256, equity=equity, reason=decision.reason, owner=self.owner)
-            except transfers.AccountBusy as exc:
-                decision = Decision("none", None, f"blocked: {exc}", bound_by="unresolved",
-                                    details=decision.details)
-                outcome.decision = decision
-        with self.ledger.session() as session:
+
+        def journal(session: Session, transfer: Transfer | None) -> None:
+            if decision.kill_switch and self.fence is not None:
+                # first (lock order: the lease row before the audit chain's head, taken at the first flush);
+                # raises Fenced: the whole transaction is dropped
+                self.fence(session, policy.mt5)
             queries.record_decision(session, now, policy.mt5, policy.name, policy.sha256, decision,
                                     policy.currency, equity, age, transfer_id=transfer.id if transfer else None)
             if snapshot is not None and decision.bound_by not in NOT_A_PEAK:
                 queries.note_equity(session, policy.mt5, snapshot.equity, now)
             if decision.kill_switch:
                 queries.add_halt(session, policy.mt5, "kill_switch", decision.kill_switch, now, "agent")
+
+        if decision.transfers and self.broker is not None and equity is not None:
+            assert decision.amount is not None
+            try:
+                return transfers.create_intent(
+                    self.ledger, at=now, account=policy.mt5, funding=policy.funding, kind=decision.action,
+                    amount=decision.amount, currency=policy.currency, policy=policy.name,
+                    policy_sha256=policy.sha256, equity=equity, reason=decision.reason, owner=self.owner,
+                    fence=self.fence, check=check, record=journal)
+            except transfers.AccountBusy as exc:
+                decision = Decision("none", None, f"blocked: {exc}", bound_by="unresolved",
+                                    details=decision.details)
+                outcome.decision = decision
+            except Fenced as exc:
+                outcome.decision = Decision("none", None, f"not sent: {exc}", bound_by="lease",
+                                            details=decision.details)
+                return None  # not ours any more: the holder records its own decisions
+        with self.ledger.session() as session:
+            try:
+                journal(session, None)
+            except Fenced as exc:
+                session.rollback()
+                outcome.decision = Decision("none", None, f"not recorded: {exc}", bound_by="lease")
+                return None
             session.commit()
-        return transfer
+        return None
 
     def _execute(self, policy: Policy, outcome: TickOutcome, transfer: Transfer) -> None:
         assert self.ledger is not None
         assert self.broker is not None
-        done = transfers.execute(self.ledger, self.broker, transfer, self.clock)
+        may_send = None
+        send_fence = None
+        if self.leases is not None:
+            leases, account, margin = self.leases, policy.mt5, leases_send_margin(self)
+
+            def may_send() -> str | None:
+                # a transfer that may still be waiting for its reply when the lease ends is not started
+                return None if leases.holds(account, margin) else "this agent's lease on the account ends too soon"
+
+            def send_fence(session: Any, account: str) -> None:
+                leases.check(session, account, margin)  # `sent` is committed only with time enough to finish
+        done = transfers.execute(self.ledger, self.broker, transfer, self.clock, fence=send_fence,
+                                 may_send=may_send)
         if done.state == "unknown" and self.reconciler is not None:
             # The broker may have executed it (e.g. MT5TransferSuspension debits first): look it up now.
             log.warning("%s", self.reconciler.resolve_one(done))
@@ -237,7 +377,7 @@ class Engine:
         outcome.transfer = queries.transfer_record(done)
         if done.state == "failed" and done.error_code in NEEDS_OPERATOR:
             # the token or the account set-up is wrong: retrying cannot help; stop and tell a person
-            with self.ledger.session() as session:
+            with self.ledger.session() as session:  # a fact from the broker, and a halt only restricts: unfenced
                 queries.add_halt(session, policy.mt5, "operator_needed", f"transfer {done.id} refused: "
                                  f"{done.error_code}: {done.error_message}", self.clock.now(), "agent",
                                  scope="all")

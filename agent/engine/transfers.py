@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent import money
-from agent.broker.base import Broker
+from agent.broker.base import Broker, send_guard
 from agent.broker.errors import BrokerError
 from agent.crash import crash_point
 from agent.ledger.db import Ledger
@@ -45,6 +46,16 @@ class AccountBusy(Exception):
     """The database refused a second unresolved transfer for the account, or a halt came first."""
 
 
+# The fence of a money write: called in the write's own transaction with the account, it raises
+# agent.ledger.leases.Fenced when this process's claim on the account is no longer current (several hosts).
+Fence = Callable[[Session, str], None]
+# A last check of a decision, in the intent's transaction, after the funding account's row is locked: returns why
+# the decision no longer holds (another host spent the same funding money meanwhile), or None.
+IntentCheck = Callable[[Session], str | None]
+# Writes what goes with the intent (its decision row) in the intent's transaction, after the row has its id.
+Record = Callable[[Session, Transfer], None]
+
+
 # Transfers whose broker call is running in this process right now: nobody in this process settles them.
 _in_flight: set[int] = set()
 _in_flight_lock = threading.Lock()
@@ -57,11 +68,23 @@ def in_flight_here(transfer_id: int) -> bool:
 
 def create_intent(ledger: Ledger, *, at: datetime, account: str, funding: str, kind: str, amount: Decimal,
                   currency: str, policy: str, policy_sha256: str, equity: Decimal, reason: str,
-                  owner: str | None = None) -> Transfer:
+                  owner: str | None = None, fence: Fence | None = None,
+                  check: IntentCheck | None = None, record: Record | None = None) -> Transfer:
     """Write and commit the intent (state pending). Raises AccountBusy if the account already has an unresolved
     transfer or was halted since the decision was made (the halt and the intent are serialized by the write
-    lock: an operator's halt is never overtaken by a decision that read the ledger before it)."""
+    lock: an operator's halt is never overtaken by a decision that read the ledger before it), or if `check`
+    finds that the funding money was spent meanwhile. The funding account's row is locked first (PostgreSQL:
+    FOR UPDATE; SQLite: the write lock), so intents on one funding account commit one at a time on every host.
+    `record` writes the decision that made the intent in the intent's own transaction (one commit, one fsync,
+    before the frame instead of two)."""
     with ledger.session() as session:
+        if fence is not None:
+            fence(session, account)
+        lock_funding(session, funding, currency, at)
+        if check is not None:
+            why = check(session)
+            if why:
+                raise AccountBusy(why)
         scopes = ("all", kind) if kind == "sweep" else ("all", "top_up")
         halted = session.scalars(select(Halt).where(Halt.account == account, Halt.cleared_at.is_(None),
                                                     Halt.scope.in_(scopes)).limit(1)).first()
@@ -78,25 +101,36 @@ def create_intent(ledger: Ledger, *, at: datetime, account: str, funding: str, k
         except IntegrityError:
             session.rollback()
             raise AccountBusy(f"{account} already has an unresolved transfer") from None
-        _touch_funding(session, funding, currency, at)
         add_event(session, transfer, at, "agent", reason)
+        if record is not None:
+            record(session, transfer)
         session.commit()
     crash_point("after_intent")
     return transfer
 
 
-def _touch_funding(session: Session, funding: str, currency: str, at: datetime) -> None:
-    row = session.get(FundingAccount, funding)
+def lock_funding(session: Session, funding: str, currency: str, at: datetime) -> None:
+    """Create the funding account's row if needed and lock it until the transaction ends."""
+    query = select(FundingAccount).where(FundingAccount.login == funding)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = session.scalars(query).first()
     if row is None:
-        session.add(FundingAccount(login=funding, currency=currency, first_seen_at=at, last_intent_at=at))
-    else:
+        with session.begin_nested():  # another host may create it at the same moment: then lock theirs
+            session.add(FundingAccount(login=funding, currency=currency, first_seen_at=at, last_intent_at=at))
+            try:
+                session.flush()
+            except IntegrityError:
+                pass
+        row = session.scalars(query).first()
+    if row is not None:
         row.last_intent_at = at
 
 
 def settle(ledger: Ledger, transfer_id: int, to: str, at: datetime, actor: str, *,
            expected: str | tuple[str, ...] | None = None, detail: str | None = None,
            broker_txn_id: int | None = None, error_code: str | None = None, error_message: str | None = None,
-           resolved_by: str | None = None) -> Transfer:
+           resolved_by: str | None = None, fence: Fence | None = None) -> Transfer:
     """Compare-and-set the transfer from `expected` (a state or several; default: any state that may move to
     `to`) to `to`, and append its event, in one transaction. Raises StateError when the row is in another state
     (someone else settled it first): nothing is overwritten."""
@@ -122,6 +156,10 @@ def settle(ledger: Ledger, transfer_id: int, to: str, at: datetime, actor: str, 
     if resolved_by is not None:
         values["resolved_by"] = resolved_by
     with ledger.session() as session:
+        if fence is not None:
+            account = session.execute(select(Transfer.account).where(Transfer.id == transfer_id)).scalar()
+            if account is not None:
+                fence(session, account)
         result = session.execute(update(Transfer).where(Transfer.id == transfer_id, Transfer.state.in_(expected))
                                  .values(**values).execution_options(synchronize_session=False))
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -159,21 +197,30 @@ def _send(broker: Broker, transfer: Transfer) -> int:
     return broker.mt5_withdrawal(transfer.account, transfer.funding, amount)
 
 
-def execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock) -> Transfer:
-    """Send one pending transfer that this process owns, and record what is proven about its outcome."""
+def execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock, *, fence: Fence | None = None,
+            may_send: Callable[[], str | None] | None = None) -> Transfer:
+    """Send one pending transfer that this process owns, and record what is proven about its outcome.
+    `fence` guards `pending -> sent` (a decision to send: only under a current lease, which the caller's fence
+    may require to have time left); the outcome is a fact from the broker and is recorded without it (a
+    compare-and-set from `sent`: a row someone else settled meanwhile is never overwritten, and a confirmation of
+    a row already failed halts the account). `may_send` is asked immediately before the frame leaves (see
+    agent.broker.base.send_guard)."""
     with _in_flight_lock:
         _in_flight.add(transfer.id)
     try:
-        return _execute(ledger, broker, transfer, clock)
+        with send_guard(may_send):
+            return _execute(ledger, broker, transfer, clock, fence)
     finally:
         with _in_flight_lock:
             _in_flight.discard(transfer.id)
 
 
-def _execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock) -> Transfer:
+def _execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock, fence: Fence | None) -> Transfer:
     try:
-        settle(ledger, transfer.id, "sent", clock.now(), "agent", expected="pending")
-    except StateError:
+        settle(ledger, transfer.id, "sent", clock.now(), "agent", expected="pending", fence=fence)
+    except Exception as exc:
+        if not isinstance(exc, StateError) and not _is_fenced(exc):
+            raise
         # Someone settled the intent before it was sent (it cannot have moved money): never send it now.
         with ledger.reader() as session:
             current = session.get(Transfer, transfer.id)
@@ -202,10 +249,17 @@ def _execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock) -
                        error_message=f"binary_transaction_id {txn} already confirms another transfer")
 
 
+def _is_fenced(exc: BaseException) -> bool:
+    from agent.ledger.leases import Fenced  # the aggregate knows leases only as a reason not to write
+
+    return isinstance(exc, Fenced)
+
+
 def _record(ledger: Ledger, transfer: Transfer, to: str, clock: Clock, **fields: Any) -> Transfer:
     """The broker's answer to our own request. The row is ours and `sent`; if another process moved it to
-    `unknown` meanwhile (it should not: it is owned), the answer still settles it. A row already `failed` by
-    someone else while the broker executed it is the one thing that must never pass quietly."""
+    `unknown` meanwhile (a new lease holder after ours ran out), the answer still settles it: it is the broker's
+    word. A row already `failed` by someone else while the broker executed it is the one thing that must never
+    pass quietly."""
     expected: str | tuple[str, ...] = "sent" if to == "unknown" else ("sent", "unknown")
     try:
         return settle(ledger, transfer.id, to, clock.now(), "agent", expected=expected, **fields)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 
 from agent.equity.base import EquitySource, NoReading, Snapshot, login_digits
+
+log = logging.getLogger("agent.intake")
 
 
 class IntakeStore:
@@ -13,12 +17,24 @@ class IntakeStore:
     def __init__(self) -> None:
         self._latest: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[Snapshot], None]] = []
+
+    def subscribe(self, listener: Callable[[Snapshot], None]) -> None:
+        """`listener(snapshot)` after each snapshot that becomes the newest of its login (the service reacts)."""
+        self._listeners.append(listener)
 
     def put(self, snapshot: Snapshot) -> None:
         with self._lock:
             current = self._latest.get(snapshot.login)
-            if current is None or snapshot.taken_at >= current.taken_at:
+            newest = current is None or snapshot.taken_at >= current.taken_at
+            if newest:
                 self._latest[snapshot.login] = snapshot
+        if newest:
+            for listener in self._listeners:  # outside the lock: a listener may read the store
+                try:
+                    listener(snapshot)
+                except Exception as exc:  # noqa: BLE001 - the status is stored; the schedule still sees it
+                    log.warning("a listener of the EA intake failed: %s", type(exc).__name__)
 
     def get(self, digits: str) -> Snapshot | None:
         with self._lock:

@@ -9,6 +9,7 @@ Requests, one JSON object a line on stdin:
   {"op": "init", "path": "C:\\MT5\\terminal64.exe", "login": 130002534, "server": "...", "password": "...",
    "timeout": 10000, "portable": false}
   {"op": "snapshot"}
+  {"op": "deals", "from": <epoch seconds>, "to": <epoch seconds>}   (history_deals_get: the backtest)
   {"op": "shutdown"}
 Replies, one a line on stdout: {"ok": true, ...} or {"ok": false, "code": <last_error code>, "error": "<text>"}.
 The password arrives on stdin only: never in argv or the environment of the probe.
@@ -107,6 +108,22 @@ class Probe:
         return {"ok": True, "account": _as_dict(account), "terminal": _as_dict(terminal),
                 "version": [_plain(v) for v in (self.mt5.version() or ())], "time": time.time()}
 
+    def deals(self, request):
+        """The account's deals in [from, to] (epoch seconds), as history_deals_get returns them."""
+        if not self.initialized:
+            recovered = self._recover()
+            if not recovered["ok"]:
+                return recovered
+        from datetime import datetime, timezone
+
+        # timezone.utc, not datetime.UTC: the probe runs under whatever Windows Python the terminal has
+        start = datetime.fromtimestamp(int(request.get("from", 0)), tz=timezone.utc)  # noqa: UP017
+        end = datetime.fromtimestamp(int(request.get("to", time.time() + 86400)), tz=timezone.utc)  # noqa: UP017
+        deals = self.mt5.history_deals_get(start, end)
+        if deals is None:
+            return _error(self.mt5, "history_deals_get failed")
+        return {"ok": True, "deals": [_as_dict(deal) for deal in deals]}
+
     def shutdown(self, request):
         try:
             self.mt5.shutdown()
@@ -130,7 +147,8 @@ def main():
         try:
             request = json.loads(line)
             op = request.get("op")
-            handler = {"init": probe.init, "snapshot": probe.snapshot, "shutdown": probe.shutdown}.get(op)
+            handler = {"init": probe.init, "snapshot": probe.snapshot, "deals": probe.deals,
+                       "shutdown": probe.shutdown}.get(op)
             reply = handler(request) if handler else {"ok": False, "code": -2, "error": f"unknown op {op!r}"}
         except Exception as exc:  # noqa: BLE001 - the probe answers every line, whatever happens
             reply = {"ok": False, "code": -1, "error": f"probe error: {type(exc).__name__}: {exc}"}

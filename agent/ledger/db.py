@@ -1,17 +1,21 @@
-"""Engine set-up (SQLite pragmas, BEGIN IMMEDIATE) and migrations at start."""
+"""Engine set-up (SQLite pragmas and BEGIN IMMEDIATE; PostgreSQL timeouts, pre-ping and snapshot readers) and
+migrations at start."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -20,13 +24,31 @@ if TYPE_CHECKING:
 # Every migration this build ships, oldest first, and the newest. Checked against migrations/ by a test; lets a
 # ledger that is already current open without importing Alembic (a third of the start-up time of every command),
 # and a ledger written by a newer fund-agent be refused before anything reads or copies it.
-KNOWN = ("0001", "0002", "0003")
+KNOWN = ("0001", "0002", "0003", "0004", "0005")
 HEAD = KNOWN[-1]
 READ_ONLY_OPTION = "fund_agent_read_only"
+# PostgreSQL: a writer that waits this long for a row or table lock gives up (the tick retries on the next pass)
+# instead of stalling its lane; no statement of ours runs for long, so one that does is stuck.
+LOCK_TIMEOUT_MS = 10_000
+STATEMENT_TIMEOUT_MS = 60_000
+IDLE_IN_TRANSACTION_MS = 10_000  # well below the default lease (39 s): see the options below
+CONNECT_TIMEOUT_S = 10
+# pg_advisory_lock key of `db upgrade` (any fixed signed 64-bit number: 'fund-agt' in ASCII)
+MIGRATION_LOCK_KEY = 0x66756E642D616774
+MIGRATION_LOCK_TIMEOUT = "5min"  # a concurrent upgrade waits for the one running, not for LOCK_TIMEOUT_MS
 
 
 class LedgerError(Exception):
     """A ledger that cannot be used: the message is one line for the operator (a path and a reason, no SQL)."""
+
+
+def backend(url: str) -> str:
+    """The URL's database kind: "sqlite", "postgresql"..."""
+    return make_url(url).get_backend_name()
+
+
+def is_postgresql(url: str) -> bool:
+    return backend(url) == "postgresql"
 
 
 def describe(url: str) -> str:
@@ -43,7 +65,9 @@ def describe(url: str) -> str:
 def db_reason(exc: BaseException) -> str:
     """The database's own one-line reason for a failure: never the SQL, its parameters or a link."""
     orig = getattr(exc, "orig", None)
-    text = str(orig) if orig is not None else (getattr(exc, "strerror", None) or type(exc).__name__)
+    # PostgreSQL's full text adds DETAIL (the row's values) and LINE (the SQL): only its primary message is kept
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    text = primary or (str(orig) if orig is not None else (getattr(exc, "strerror", None) or type(exc).__name__))
     return " ".join(text.split()) or type(orig if orig is not None else exc).__name__
 
 
@@ -98,9 +122,42 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database).resolve()
 
 
-def make_engine(url: str, readonly: bool = False) -> Engine:
+def _database_password(password_env: str | None) -> str | None:
+    if password_env is None:
+        return None  # libpq's own PGPASSWORD / .pgpass, or no password at all
+    value = os.environ.get(password_env, "")
+    if not value:
+        raise LedgerError(f"the database password is not set: environment variable {password_env} is empty or "
+                          "missing (database_password_env)")
+    from agent import logs
+
+    logs.register_secret(value)  # whatever echoes it later (a driver error) prints *** instead
+    return value
+
+
+def _postgres_engine(url: str, password_env: str | None) -> Engine:
+    connect_args: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "application_name": "fund-agent",
+        # idle in a transaction: a frozen agent (SIGSTOP, a paused VM) must not keep the rows it locked (the
+        # audit chain's head, a funding row, lease rows) and stall every other host; no transaction of ours waits
+        # on the network, so a few seconds idle means the process is not running
+        "options": f"-c lock_timeout={LOCK_TIMEOUT_MS} -c statement_timeout={STATEMENT_TIMEOUT_MS} "
+                   f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+    }
+    password = _database_password(password_env)
+    if password is not None:
+        # in connect_args, never in the URL: a URL is rendered in logs, errors and the engine's repr
+        connect_args["password"] = password
+    # pre-ping: a connection the server or a NAT dropped while idle is replaced, not handed to a money write
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def make_engine(url: str, readonly: bool = False, password_env: str | None = None) -> Engine:
     path = sqlite_path(url)
     if path is None:
+        if is_postgresql(url):
+            return _postgres_engine(url, password_env)
         return create_engine(url)
     if readonly:
         engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
@@ -146,28 +203,101 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+def _no_version_table(exc: DBAPIError) -> bool:
+    """A missing alembic_version table: SQLite's OperationalError, PostgreSQL's UndefinedTable (42P01)."""
+    if isinstance(exc, OperationalError) and "no such table" in str(exc.orig):
+        return True
+    return isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42P01"
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
-        try:
-            versions = [row[0] for row in conn.execute(text("SELECT version_num FROM alembic_version"))]
-        except OperationalError as exc:  # no alembic_version table: an empty (or foreign) database
-            if "no such table" in str(exc.orig):
-                return None
-            raise
+        return _revision(conn)
+
+
+def _revision(conn: Connection) -> str | None:
+    if conn.dialect.name == "postgresql":
+        # probe first: a failed SELECT would abort the transaction the migration runs in
+        if conn.execute(text("SELECT to_regclass('alembic_version')")).scalar() is None:
+            return None
+    try:
+        versions = [row[0] for row in conn.execute(text("SELECT version_num FROM alembic_version"))]
+    except (OperationalError, ProgrammingError) as exc:  # no alembic_version table: an empty (or foreign) database
+        if _no_version_table(exc):
+            return None
+        raise
     if len(versions) > 1:
         raise LedgerError(f"the ledger has several migration heads ({', '.join(versions)}): repair it by hand")
     return versions[0] if versions else None
 
 
-def upgrade(url: str, now: datetime | None = None) -> tuple[str | None, str | None, Path | None]:
-    """Bring the ledger to the newest schema. Copies an existing SQLite file first. Returns (from, to, backup).
-    A ledger at a revision this build does not know is refused (LedgerError) before anything is copied."""
+def upgrade(url: str, now: datetime | None = None, password_env: str | None = None
+            ) -> tuple[str | None, str | None, Path | None]:
+    """Bring the ledger to the newest schema. Copies an existing SQLite file first; on PostgreSQL prints how to
+    back the database up. Returns (from, to, backup). A ledger at a revision this build does not know is refused
+    (LedgerError) before anything is copied."""
     with using(url):
-        engine = make_engine(url)
+        engine = make_engine(url, password_env=password_env)
         try:
+            if engine.dialect.name == "postgresql":
+                return _upgrade_postgresql(url, engine)
             return _upgrade(url, engine, now)
         finally:
             engine.dispose()
+
+
+def backup_command(url: str, revision: str | None) -> str:
+    """The pg_dump command line that backs up a PostgreSQL ledger (the password comes from libpq's PGPASSWORD
+    or .pgpass, never from this line)."""
+    parsed = make_url(url)
+    args = ["pg_dump", "--format=custom", f"--file={parsed.database or 'ledger'}-{revision or 'empty'}.dump"]
+    if parsed.host:
+        args.append(f"--host={parsed.host}")
+    if parsed.port:
+        args.append(f"--port={parsed.port}")
+    if parsed.username:
+        args.append(f"--username={parsed.username}")
+    args.append(parsed.database or "")
+    return shlex.join(args)
+
+
+def _upgrade_postgresql(url: str, engine: Engine) -> tuple[str | None, str | None, Path | None]:
+    before = current_revision(engine)
+    if before == HEAD:
+        return before, before, None
+    check_known(url, before)
+    head = head_revision()
+    from alembic import command
+
+    # The session advisory lock makes a concurrent upgrade (two hosts starting at once) wait for this one. The
+    # revision is read again after it, in a transaction begun after the lock was granted (a transaction that was
+    # already open may not see the other's new tables in the catalog), so the second finds the work done
+    # instead of creating the tables twice. One transaction: PostgreSQL's DDL is transactional, so a failed step
+    # leaves the old schema whole.
+    with engine.connect() as conn:
+        conn.execute(text(f"SET lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'"))
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        conn.commit()
+        try:
+            with conn.begin():
+                conn.execute(text("SET LOCAL statement_timeout = 0"))  # a rewrite of a large table may take long
+                before = _revision(conn)
+                check_known(url, before)
+                if before == head:
+                    return before, head, None
+                if before is not None:
+                    print(f"upgrading the ledger {describe(url)} from schema revision {before} to {head}; to keep "
+                          f"a copy of it first, stop and run: {backup_command(url, before)}", file=sys.stderr)
+                cfg = alembic_config(url)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        finally:
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                conn.commit()
+            except DBAPIError:  # a broken connection: the lock ended with its session; keep the first error
+                pass
+    return before, head, None
 
 
 def _upgrade(url: str, engine: Engine, now: datetime | None) -> tuple[str | None, str | None, Path | None]:
@@ -202,26 +332,36 @@ def _upgrade(url: str, engine: Engine, now: datetime | None) -> tuple[str | None
 class Ledger:
     """The open ledger: an engine plus a session factory."""
 
-    def __init__(self, url: str, readonly: bool = False) -> None:
+    def __init__(self, url: str, readonly: bool = False, password_env: str | None = None) -> None:
         self.url = url
         with using(url):
-            self.engine = make_engine(url, readonly=readonly)
+            self.engine = make_engine(url, readonly=readonly, password_env=password_env)
+        self.dialect = self.engine.dialect.name
+        import agent.audit.chain  # noqa: F401 - registers the hash-chain listener on every writing session
+
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY_OPTION: True}),
-                                    expire_on_commit=False)
+        from agent.ledger import outbox  # imported here: it needs the models, which need nothing of this module
+
+        outbox.install(self.sessions)  # notifications are staged in the transaction of their event
+        reading: dict[str, Any] = {READ_ONLY_OPTION: True}
+        if self.dialect == "postgresql":
+            # one snapshot for the whole read (a report's totals agree with its rows), and the server refuses a
+            # write from a reader: the same guarantees as SQLite's deferred read transaction under WAL
+            reading.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        self.readers = sessionmaker(self.engine.execution_options(**reading), expire_on_commit=False)
 
     @classmethod
-    def open(cls, url: str) -> Ledger:
-        upgrade(url)
-        return cls(url)
+    def open(cls, url: str, password_env: str | None = None) -> Ledger:
+        upgrade(url, password_env=password_env)
+        return cls(url, password_env=password_env)
 
     @classmethod
-    def open_readonly(cls, url: str) -> Ledger | None:
+    def open_readonly(cls, url: str, password_env: str | None = None) -> Ledger | None:
         """For audit commands; None when no ledger file exists yet (nothing recorded)."""
         path = sqlite_path(url)
         if path is not None and not path.exists():
             return None
-        ledger = cls(url, readonly=path is not None)
+        ledger = cls(url, readonly=path is not None, password_env=password_env)
         try:
             with using(url):
                 revision = current_revision(ledger.engine)
@@ -239,8 +379,29 @@ class Ledger:
         return self.sessions()
 
     def reader(self) -> Session:
-        """A session that only reads: deferred BEGIN, a consistent snapshot, no write lock."""
+        """A session that only reads: deferred BEGIN, a consistent snapshot, no write lock (on PostgreSQL:
+        REPEATABLE READ, READ ONLY)."""
         return self.readers()
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def upsert(session: Session, model: Any, values: dict[str, Any], keys: Sequence[str],
+           update: Sequence[str] = ()) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET <update> (DO NOTHING without `update`), in the session's
+    transaction: one statement, so two writers never both see "no row" and both insert."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported ledgers
+        raise LedgerError(f"no upsert for the {dialect} database")
+    stmt = insert(model).values(**values)
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={name: stmt.excluded[name]
+                                                                           for name in update})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    session.execute(stmt)

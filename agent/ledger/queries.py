@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from agent import money
+from agent.ledger.db import upsert
 from agent.ledger.models import (
     UNRESOLVED_STATES,
     DecisionRow,
@@ -21,14 +21,9 @@ from agent.ledger.models import (
     Transfer,
     TransferEvent,
 )
-from agent.policy.evaluate import Decision, KindUsage, Usage
+from agent.policy.evaluate import Decision, Usage
+from agent.policy.usage_book import HaltRecord, TransferRecord, UsageBook
 from agent.timeutil import iso
-
-COUNTED_STATES = ("pending", "sent", "confirmed", "unknown")  # everything that may have moved money
-# failed without a refusal from the broker (the agent stopped before sending, or the statement proved the
-# request never executed): not a persistent broker error, so no back-off
-NO_BROKER_ERROR = ("NotSent", "NotExecuted")
-FAILURE_LOOKBACK = 12  # 2^11 minutes is past the 1 h cap: more failures in a row change nothing
 
 
 def amount_of(t: Transfer) -> Decimal:
@@ -79,6 +74,20 @@ def unresolved(session: Session, account: str | None = None) -> list[Transfer]:
     return list(session.scalars(query))
 
 
+# The state list in the literal form of the partial index uq_transfers_one_open_per_account, so that the
+# planner answers from that index (a bound IN list does not match a partial index's predicate).
+_UNRESOLVED_LITERAL = text("transfers.state IN ('pending','sent','unknown')")
+_HAS_UNRESOLVED = (select(Transfer.id).where(Transfer.account == bindparam("account"), _UNRESOLVED_LITERAL)
+                   .limit(1))
+_PEAK_OF = select(EquityPeak.peak).where(EquityPeak.account == bindparam("account"))
+
+
+def has_unresolved(session: Session, account: str) -> bool:
+    """Whether the account has a pending, sent or unknown transfer: one indexed row at most, no ORM object (every
+    tick asks it before deciding)."""
+    return session.execute(_HAS_UNRESOLVED, {"account": account}).first() is not None
+
+
 def active_halts(session: Session, account: str) -> list[Halt]:
     return list(session.scalars(select(Halt).where(Halt.account == account, Halt.cleared_at.is_(None))
                                 .order_by(Halt.id)))
@@ -118,93 +127,49 @@ def peak_equity(session: Session, account: str) -> Decimal | None:
 
 
 def note_equity(session: Session, account: str, equity: Decimal, at: datetime) -> None:
-    row = session.get(EquityPeak, account)
-    if row is None:
-        session.add(EquityPeak(account=account, peak=str(equity), at=at))
-    elif equity > Decimal(row.peak):
+    # Most readings are not a new peak: one plain read, in the writer's transaction, says so. Doing nothing on it
+    # is what the locked path below would do too, ordered before any writer that lowers the peak later.
+    current = session.execute(_PEAK_OF, {"account": account}).scalar()
+    if current is not None and Decimal(current) >= equity:
+        return
+    # The first reading creates the row with ON CONFLICT DO NOTHING (two hosts at once: one insert wins, no
+    # error); the row is then read locked (FOR UPDATE on PostgreSQL; SQLite's writer holds the database lock) and
+    # raised only by a higher reading, compared as exact Decimals, never as text in SQL.
+    upsert(session, EquityPeak, {"account": account, "peak": str(equity), "at": at}, ["account"])
+    row = session.scalars(select(EquityPeak).where(EquityPeak.account == account).with_for_update()
+                          .execution_options(populate_existing=True)).one()
+    if equity > Decimal(row.peak):
         row.peak = str(equity)
         row.at = at
 
 
-def _failure_tail(rows: Sequence[Any], kind: str) -> tuple[int, Any]:
-    """Failed attempts of `kind` since its newest attempt that may have moved money; rows are newest first."""
-    failures = []
-    for row in rows:
-        if row.kind != kind:
-            continue
-        if row.state != "failed":
-            break
-        if row.error_code not in NO_BROKER_ERROR:
-            failures.append(row)
-    return len(failures), (failures[0] if failures else None)
+def load_book(session: Session, account: str) -> UsageBook:
+    """The account's transfers, halts and peak as an in-memory book (three narrow queries, no ORM objects)."""
+    rows = session.execute(
+        select(Transfer.id, Transfer.kind, Transfer.state, Transfer.amount_minor, Transfer.currency,
+               Transfer.created_at, Transfer.updated_at, Transfer.error_code)
+        .where(Transfer.account == account).order_by(Transfer.id)).all()
+    book = UsageBook(rows[0][4] if rows else "USD")
+    for ident, kind, state, minor, currency, created_at, updated_at, error_code in rows:
+        book.add_transfer(TransferRecord(ident, kind, state, money.from_minor(minor, currency), created_at,
+                                         updated_at, error_code))
+    # active halts, and cleared kill-switch halts (the kill switch counts from the last resume)
+    halts = session.execute(
+        select(Halt.id, Halt.kind, Halt.scope, Halt.reason, Halt.created_at, Halt.cleared_at)
+        .where(Halt.account == account, Halt.cleared_at.is_(None) | (Halt.kind == "kill_switch"))
+        .order_by(Halt.id)).all()
+    for halt in halts:
+        book.add_halt(HaltRecord(*halt))
+    book.peak = peak_equity(session, account)
+    return book
 
 
 def usage(session: Session, account: str, now: datetime) -> Usage:
     """What the ledger says about this account, counting unresolved transfers as if they happened.
 
-    A handful of narrow queries (it runs before every evaluation): totals by kind and state, the last week's
-    counted rows, the newest attempts, the top-ups since the last sweep, halts, unresolved rows, the peak.
+    The rules live in UsageBook (shared with the backtest): this loads the account's rows and folds them.
     """
-    totals = session.execute(
-        select(Transfer.kind, Transfer.state, func.count(Transfer.id),
-               func.coalesce(func.sum(Transfer.amount_minor), 0), func.max(Transfer.created_at),
-               func.max(Transfer.id), func.min(Transfer.currency))
-        .where(Transfer.account == account).group_by(Transfer.kind, Transfer.state)).all()
-    currency = next((row[6] for row in totals), "USD")
-    week = session.execute(
-        select(Transfer.kind, Transfer.created_at, Transfer.amount_minor)
-        .where(Transfer.account == account, Transfer.state.in_(COUNTED_STATES),
-               Transfer.created_at > now - timedelta(days=7)).order_by(Transfer.created_at)).all()
-    newest = session.execute(
-        select(Transfer.kind, Transfer.state, Transfer.error_code, Transfer.updated_at)
-        .where(Transfer.account == account).order_by(Transfer.id.desc()).limit(FAILURE_LOOKBACK * 2)).all()
-
-    def kind_usage(kind: str) -> KindUsage:
-        counted = [row for row in totals if row[0] == kind and row[1] in COUNTED_STATES]
-        count = sum(int(row[2]) for row in counted)
-        minor = sum(int(row[3]) for row in counted)
-        last_at = max((row[4] for row in counted), default=None)
-        failures, last_failure = _failure_tail(newest, kind)
-        return KindUsage(recent=tuple((at, money.from_minor(m, currency)) for k, at, m in week if k == kind),
-                         total_count=count, total_amount=money.from_minor(minor, currency), last_at=last_at,
-                         failures=failures, last_failure_at=last_failure.updated_at if last_failure else None,
-                         last_failure=last_failure.error_code if last_failure else None)
-
-    top_up, sweep = kind_usage("top_up"), kind_usage("sweep")
-    confirmed_sweeps = [row for row in totals if row[0] == "sweep" and row[1] == "confirmed"]
-    since = select(func.count(Transfer.id)).where(Transfer.account == account, Transfer.kind == "top_up",
-                                                  Transfer.state.in_(COUNTED_STATES))
-    if confirmed_sweeps:
-        since = since.where(Transfer.id > confirmed_sweeps[0][5])
-    resumed = kill_switch_since(session, account)
-    net = top_up.total_amount - (money.from_minor(int(confirmed_sweeps[0][3]), currency) if confirmed_sweeps
-                                 else Decimal(0))
-    if resumed is not None:
-        since = since.where(Transfer.created_at > resumed)
-        flows = dict(session.execute(
-            select(Transfer.kind, func.coalesce(func.sum(Transfer.amount_minor), 0))
-            .where(Transfer.account == account, Transfer.created_at > resumed,
-                   ((Transfer.kind == "top_up") & Transfer.state.in_(COUNTED_STATES))
-                   | ((Transfer.kind == "sweep") & (Transfer.state == "confirmed")))
-            .group_by(Transfer.kind)).all())
-        net = money.from_minor(int(flows.get("top_up", 0)) - int(flows.get("sweep", 0)), currency)
-    consecutive = int(session.execute(since).scalar_one())
-    halts = active_halts(session, account)
-    halt_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts) or None
-    all_reason = "; ".join(f"{h.kind} halt since {iso(h.created_at)}: {h.reason}" for h in halts
-                           if h.scope == "all") or None
-    open_rows = unresolved(session, account)
-    last_moved = session.execute(
-        select(Transfer.id, Transfer.updated_at).where(Transfer.account == account, Transfer.state == "confirmed")
-        .order_by(Transfer.updated_at.desc(), Transfer.id.desc()).limit(1)).first()
-    blocked = None
-    if open_rows:
-        t = open_rows[0]
-        blocked = (f"transfer {t.id} ({t.kind} {money.fmt(amount_of(t), t.currency)}) is {t.state}; "
-                   "resolve it with `fund-agent reconcile` or `fund-agent resolve`")
-    return Usage(top_up=top_up, sweep=sweep, consecutive_top_ups=consecutive, net_top_up=net,
-                 peak_equity=peak_equity(session, account), top_up_halt=halt_reason, halt=all_reason,
-                 unresolved=blocked, last_transfer=(int(last_moved[0]), last_moved[1]) if last_moved else None)
+    return load_book(session, account).usage(now)
 
 
 def funding_in_flight(session: Session, funding: str) -> Decimal:
@@ -220,6 +185,21 @@ def unresolved_count(session: Session) -> int:
     """Unresolved transfers of every account: each may already count against the broker's daily MT5 count."""
     return int(session.execute(select(func.count(Transfer.id))
                                .where(Transfer.state.in_(UNRESOLVED_STATES))).scalar_one())
+
+
+def funding_confirmed_since(session: Session, funding: str, since: datetime) -> Decimal:
+    """Top-ups from `funding` confirmed at or after `since`: a balance read before then may not show them."""
+    row = session.execute(
+        select(func.min(Transfer.currency), func.coalesce(func.sum(Transfer.amount_minor), 0))
+        .where(Transfer.funding == funding, Transfer.kind == "top_up", Transfer.state == "confirmed",
+               Transfer.updated_at >= since)).one()
+    return money.from_minor(int(row[1]), row[0]) if row[0] is not None else Decimal(0)
+
+
+def confirmed_since(session: Session, since: datetime) -> int:
+    """Transfers of every account confirmed at or after `since`: a daily count read before may not show them."""
+    return int(session.execute(select(func.count(Transfer.id)).where(
+        Transfer.state == "confirmed", Transfer.updated_at >= since)).scalar_one())
 
 
 def record_decision(session: Session, at: datetime, account: str, policy: str, policy_sha256: str | None,
@@ -244,17 +224,46 @@ class Filters:
     until: datetime | None = None
     kind: str | None = None
     state: str | None = None
+    policy: str | None = None
+    funding: str | None = None  # the funding account that pays the account's top-ups and receives its sweeps
 
 
-def _filtered(model: Any, at: Any, kind: Any, state: Any, filters: Filters) -> Any:
-    """The audit commands' shared filters: account, [since, until) on `at`, and equality on kind and state."""
+def accounts_of(policy: str | None, funding: str | None) -> Any:
+    """The accounts a --policy / --funding filter names, for tables that do not record them (halts; decisions
+    for --funding): the accounts whose transfers or decisions carry that policy, or whose transfers that funding
+    account paid or received. None when neither filter is given."""
+    selects = []
+    if policy:
+        selects.append(select(Transfer.account).where(Transfer.policy == policy)
+                       .union(select(DecisionRow.account).where(DecisionRow.policy == policy)))
+    if funding:
+        selects.append(select(Transfer.account).where(Transfer.funding == funding))
+    return selects or None
+
+
+def filter_conditions(model: Any, at: Any, kind: Any, state: Any, filters: Filters) -> list[Any]:
+    """The audit commands' shared filters: account, [since, until) on `at`, equality on kind and state, and the
+    policy and funding account (by column where the table has one, else by the accounts they name)."""
     conditions = [column == value for column, value in ((model.account, filters.account), (kind, filters.kind),
-                                                        (state, filters.state)) if value]
+                                                        (state, filters.state)) if value and column is not None]
     if filters.since:
         conditions.append(at >= filters.since)
     if filters.until:
         conditions.append(at < filters.until)
-    return select(model).where(*conditions).order_by(model.id)
+    own_policy = getattr(model, "policy", None)
+    own_funding = getattr(model, "funding", None)
+    if filters.policy and own_policy is not None:
+        conditions.append(own_policy == filters.policy)
+    if filters.funding and own_funding is not None:
+        conditions.append(own_funding == filters.funding)
+    for account_select in accounts_of(None if own_policy is not None else filters.policy,
+                                      None if own_funding is not None else filters.funding) or []:
+        conditions.append(model.account.in_(account_select))
+    return conditions
+
+
+def _filtered(model: Any, at: Any, kind: Any, state: Any, filters: Filters) -> Any:
+    return select(model).where(*filter_conditions(model, at, kind, state, filters)).order_by(model.id)
 
 
 def list_transfers(session: Session, filters: Filters) -> list[Transfer]:
@@ -265,3 +274,18 @@ def list_decisions(session: Session, filters: Filters) -> list[DecisionRow]:
     """Decisions have an action (top_up, sweep, none, error): --kind and --state both filter on it."""
     return list(session.scalars(_filtered(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action,
                                           filters)))
+
+
+def list_halts(session: Session, filters: Filters, active_only: bool = False) -> list[Halt]:
+    """Halts by account, kind (operator, kill_switch, unresolved, operator_needed), [since, until) on when they
+    were made, policy and funding account; `active_only`: not cleared yet."""
+    query = _filtered(Halt, Halt.created_at, Halt.kind, None, filters)
+    if active_only:
+        query = query.where(Halt.cleared_at.is_(None))
+    return list(session.scalars(query))
+
+
+def halt_record(h: Halt) -> dict[str, Any]:
+    return {"id": h.id, "account": h.account, "kind": h.kind, "scope": h.scope, "reason": h.reason,
+            "created_at": iso(h.created_at), "created_by": h.created_by,
+            "cleared_at": iso(h.cleared_at) if h.cleared_at else None, "cleared_by": h.cleared_by}

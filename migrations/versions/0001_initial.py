@@ -12,14 +12,17 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-UTC_TEXT = sa.String(27)  # agent.ledger.models.UTCDateTime stores fixed-width ISO 8601 UTC text
+# agent.ledger.models.UTCDateTime: fixed-width ISO 8601 UTC text on SQLite, timestamptz on PostgreSQL
+UTC_TEXT = sa.String(27).with_variant(sa.DateTime(timezone=True), "postgresql")
+# row ids: BIGINT on PostgreSQL; INTEGER (the rowid) on SQLite, as every existing ledger has them
+ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 OPEN = "state IN ('pending','sent','unknown')"
 
 
 def upgrade() -> None:
     op.create_table(
         "transfers",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("created_at", UTC_TEXT, nullable=False),
         sa.Column("updated_at", UTC_TEXT, nullable=False),
         sa.Column("account", sa.String(32), nullable=False),
@@ -47,8 +50,8 @@ def upgrade() -> None:
     op.create_index("ix_transfers_account_created", "transfers", ["account", "created_at"])
     op.create_table(
         "transfer_events",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("transfer_id", sa.Integer, sa.ForeignKey("transfers.id"), nullable=False),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
+        sa.Column("transfer_id", ID, sa.ForeignKey("transfers.id"), nullable=False),
         sa.Column("at", UTC_TEXT, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("actor", sa.String(200), nullable=False),
@@ -57,7 +60,7 @@ def upgrade() -> None:
     op.create_index("ix_transfer_events_transfer_id", "transfer_events", ["transfer_id"])
     op.create_table(
         "decisions",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("at", UTC_TEXT, nullable=False),
         sa.Column("account", sa.String(32), nullable=False),
         sa.Column("policy", sa.String(200), nullable=False),
@@ -70,12 +73,12 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("bound_by", sa.String(100), nullable=True),
         sa.Column("details", sa.Text, nullable=True),
-        sa.Column("transfer_id", sa.Integer, sa.ForeignKey("transfers.id"), nullable=True),
+        sa.Column("transfer_id", ID, sa.ForeignKey("transfers.id"), nullable=True),
     )
     op.create_index("ix_decisions_account_at", "decisions", ["account", "at"])
     op.create_table(
         "halts",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("account", sa.String(32), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("scope", sa.String(16), nullable=False),

@@ -12,13 +12,16 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-UTC_TEXT = sa.String(27)
+# agent.ledger.models.UTCDateTime: fixed-width ISO 8601 UTC text on SQLite, timestamptz on PostgreSQL
+UTC_TEXT = sa.String(27).with_variant(sa.DateTime(timezone=True), "postgresql")
+# row ids: BIGINT on PostgreSQL; INTEGER (the rowid) on SQLite, as every existing ledger has them
+ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
     op.create_table(
         "outbox",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("event_id", sa.String(64), nullable=False),
         sa.Column("channel", sa.String(16), nullable=False),
         sa.Column("event", sa.String(32), nullable=False),
@@ -34,7 +37,7 @@ def upgrade() -> None:
     op.create_table(
         "notify_cursors",
         sa.Column("source", sa.String(32), primary_key=True),
-        sa.Column("last_id", sa.Integer, nullable=False),
+        sa.Column("last_id", ID, nullable=False),
     )
 
 

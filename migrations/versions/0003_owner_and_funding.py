@@ -16,7 +16,8 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-UTC_TEXT = sa.String(27)
+# agent.ledger.models.UTCDateTime: fixed-width ISO 8601 UTC text on SQLite, timestamptz on PostgreSQL
+UTC_TEXT = sa.String(27).with_variant(sa.DateTime(timezone=True), "postgresql")
 
 
 def upgrade() -> None:

@@ -42,6 +42,16 @@ TerminalInfo = namedtuple("TerminalInfo", [
     "codepage", "ping_last", "community_balance", "retransmission", "company", "name", "language", "path",
     "data_path", "commondata_path"])
 
+TradeDeal = namedtuple("TradeDeal", [
+    "ticket", "order", "time", "time_msc", "type", "entry", "magic", "position_id", "reason", "volume", "price",
+    "commission", "swap", "profit", "fee", "symbol", "comment", "external_id"])
+
+DEAL_TYPE_BUY = 0
+DEAL_TYPE_SELL = 1
+DEAL_TYPE_BALANCE = 2
+DEAL_ENTRY_IN = 0
+DEAL_ENTRY_OUT = 1
+
 _state = {"initialized": False, "login": None, "error": (RES_S_OK, "Success")}
 
 
@@ -140,6 +150,30 @@ def terminal_info():
                         retransmission=0.0, company="Deriv.com Limited", name="Deriv MT5", language="English",
                         path="C:\\Program Files\\MetaTrader 5", data_path="C:\\Program Files\\MetaTrader 5",
                         commondata_path="C:\\Users\\trader\\AppData\\Roaming\\MetaQuotes\\Terminal\\Common")
+
+
+def history_deals_get(date_from=None, date_to=None, group=None, ticket=None, position=None):
+    """Deals from the script's "deals" list (dicts of TradeDeal fields; missing ones default), whose `time`
+    (epoch seconds) falls in [date_from, date_to]; a tuple, or None with last_error() set, as the real one."""
+    script = _script()
+    if not _state["initialized"] or script.get("mode") in ("no_ipc", "hang"):
+        return _fail(RES_E_INTERNAL_FAIL_CONNECT, "No IPC connection")
+
+    def seconds(value):
+        return int(value.timestamp()) if hasattr(value, "timestamp") else int(value)
+
+    low, high = seconds(date_from), seconds(date_to)
+    defaults = dict(ticket=0, order=0, time=0, time_msc=0, type=DEAL_TYPE_BALANCE, entry=DEAL_ENTRY_IN, magic=0,
+                    position_id=0, reason=0, volume=0.0, price=0.0, commission=0.0, swap=0.0, profit=0.0, fee=0.0,
+                    symbol="", comment="", external_id="")
+    deals = []
+    for number, spec in enumerate(script.get("deals", []), start=1):
+        fields = {**defaults, "ticket": number, **{k: v for k, v in spec.items() if k in defaults}}
+        fields["time_msc"] = fields["time_msc"] or fields["time"] * 1000
+        if low <= fields["time"] <= high:
+            deals.append(TradeDeal(**fields))
+    _ok()
+    return tuple(deals)
 
 
 def login(*args, **kwargs):
