@@ -150,7 +150,7 @@ def read_csv(path: Path) -> History:
     return History(label=str(path), readings=readings)
 
 
-def read_ledger(url: str, account: str) -> History:
+def read_ledger(url: str, account: str, password_env: str | None = None) -> History:
     """The readings the engine recorded for `account` (decision journal: taken at `at - equity_age_s`) and its
     confirmed transfers (settled at `updated_at`). The ledger is opened read-only.
 
@@ -165,7 +165,7 @@ def read_ledger(url: str, account: str) -> History:
     from agent.ledger.db import Ledger
     from agent.ledger.models import DecisionRow, Transfer
 
-    ledger = Ledger.open_readonly(url)
+    ledger = Ledger.open_readonly(url, password_env=password_env)
     if ledger is None:
         raise SourceError([f"ledger:{account}: no ledger at {url}: nothing recorded"])
     try:

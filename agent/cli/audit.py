@@ -19,7 +19,7 @@ def _open_readonly(ctx: click.Context) -> Any:
     from agent.ledger.db import Ledger
 
     config = _config(ctx)
-    ledger = Ledger.open_readonly(config.database)
+    ledger = Ledger.open_readonly(config.database, password_env=config.database_password_env)
     if ledger is None:
         raise Failure(f"no ledger at {config.database}: nothing recorded yet")
     return ledger
@@ -198,7 +198,7 @@ def db_prune(ctx: click.Context, older_than: str, vacuum: bool) -> None:
     except DurationError as exc:
         raise click.BadParameter(str(exc), param_hint="'--decisions-older-than'") from None
     config = _config(ctx)
-    ledger = Ledger.open(config.database)
+    ledger = Ledger.open(config.database, password_env=config.database_password_env)
     try:
         now = utcnow()
         try:

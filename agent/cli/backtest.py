@@ -31,7 +31,8 @@ def _history(ctx: click.Context, source: str, since: datetime | None, until: dat
         account = source.split(":", 1)[1]
         if not account:
             raise click.BadParameter("ledger: needs an account, e.g. ledger:MTR130002534", param_hint="'--equity'")
-        return sources.read_ledger(_config(ctx).database, account)
+        config = _config(ctx)
+        return sources.read_ledger(config.database, account, config.database_password_env)
     if source.startswith("mt5:"):
         from agent.backtest.mt5_deals import read_mt5
 

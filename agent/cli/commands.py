@@ -406,8 +406,9 @@ def ledger(ctx: click.Context, account: str | None, since: str | None, until: st
 
 @cli.command()
 @_filter_options
-@click.option("--kind", help="action: top_up, sweep, none or error")
-@click.option("--state", help="same as --kind (decisions have an action, not a state)")
+@click.option("--kind", type=click.Choice(["top_up", "sweep", "none", "error"]), help="the decision's action")
+@click.option("--state", type=click.Choice(["top_up", "sweep", "none", "error"]),
+              help="same as --kind (decisions have an action, not a state)")
 @click.pass_context
 def decisions(ctx: click.Context, account: str | None, since: str | None, until: str | None, policy: str | None,
               funding: str | None, fmt: str, totals: bool, by: str | None, kind: str | None,
@@ -679,7 +680,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
 
 @cli.command()
 @_filter_options
-@click.option("--kind", help="operator, kill_switch, unresolved or operator_needed")
+@click.option("--kind", type=click.Choice(["operator", "kill_switch", "unresolved", "operator_needed"]))
 @click.option("--all", "show_all", is_flag=True, help="Include halts already cleared by `resume`.")
 @click.pass_context
 def halts(ctx: click.Context, account: str | None, since: str | None, until: str | None, policy: str | None,
