@@ -9,14 +9,13 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from agent import logs
-from agent.config_schema import SOURCES, KeyPath, describe, dotted, node_lines, problems_of
+from agent.config_schema import SOURCES, KeyPath, describe, dotted, is_number, node_lines, problems_of
 from agent.config_schema import one_line as _one_line
 from agent.policy.load import Problem, YamlTooComplex, compose_guarded, construct_guarded, read_limited
 from agent.safe_io import UnsafeInput
@@ -291,15 +290,8 @@ class _Checker:
     def number(self, raw: dict[str, Any], key: str, where: str) -> None:
         if key not in raw:
             return
-        value = raw[key]
-        try:
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise InvalidOperation
-            number = Decimal(str(value).strip())
-            if not number.is_finite() or abs(number) >= Decimal("1e15"):
-                raise InvalidOperation
-        except (InvalidOperation, ValueError):
-            raise self.fail(f"{where}.{key}", f"expected a number, got {describe(value)}") from None
+        if not is_number(raw[key]):
+            raise self.fail(f"{where}.{key}", f"expected a number, got {describe(raw[key])}")
 
 
 def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,

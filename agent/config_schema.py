@@ -105,16 +105,21 @@ def _app_id(value: object) -> bool:
     return True
 
 
-@_formats.checks("decimal", raises=_Bad)
-def _decimal(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A finite number below 1e15, given as a YAML number or text (never a bool): what a numeric key takes."""
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise InvalidOperation
+            return False
         number = Decimal(str(value).strip())
-        if not number.is_finite() or abs(number) >= Decimal("1e15"):
-            raise InvalidOperation
     except (InvalidOperation, ValueError):
-        raise _Bad(f"expected a number, got {describe(value)}") from None
+        return False
+    return number.is_finite() and abs(number) < Decimal("1e15")
+
+
+@_formats.checks("decimal", raises=_Bad)
+def _decimal(value: object) -> bool:
+    if not is_number(value):
+        raise _Bad(f"expected a number, got {describe(value)}")
     return True
 
 

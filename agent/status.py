@@ -97,11 +97,14 @@ def account_status(session: Session | None, policy: Policy, now: datetime) -> di
                 "last_evaluation_at": None, "last_decision": None,
                 "windows": usage_details(policy, queries.Usage(), now), "halted": False, "halts": [],
                 "unresolved": [], "last_error": None}
+    # Newest first by (at, id): the (account, at) index answers it from its end, instead of sorting the account's
+    # whole decision history (5,000 rows an account made `status` take a minute at 1,000 accounts).
+    newest = (DecisionRow.at.desc(), DecisionRow.id.desc())
     last = session.scalars(select(DecisionRow).where(DecisionRow.account == policy.mt5)
-                           .order_by(DecisionRow.id.desc()).limit(1)).first()
+                           .order_by(*newest).limit(1)).first()
     with_equity = session.scalars(select(DecisionRow).where(DecisionRow.account == policy.mt5,
                                                             DecisionRow.equity.is_not(None))
-                                  .order_by(DecisionRow.id.desc()).limit(1)).first()
+                                  .order_by(*newest).limit(1)).first()
     last_failed = session.scalars(select(Transfer).where(Transfer.account == policy.mt5,
                                                          Transfer.error_code.is_not(None))
                                   .order_by(Transfer.id.desc()).limit(1)).first()

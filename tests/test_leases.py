@@ -51,6 +51,15 @@ def host(ledger, name: str, mono: Mono, ttl: float = 10.0) -> Leases:
     return Leases(ledger, f"{name}:1:x", name, ttl=ttl, renew_every=2.0, monotonic=mono)
 
 
+def world() -> tuple[ManualClock, MemoryBroker]:
+    """A clock and an in-memory broker with the funding account (10000) and MT5 (450)."""
+    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
+    broker = MemoryBroker(clock)
+    broker.add_account(FUNDING, "USD", "10000.00")
+    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    return clock, broker
+
+
 def expire(ledger, account: str) -> None:
     """The database's clock passes the lease's end (the test cannot wait ttl seconds of real time)."""
     from sqlalchemy import update
@@ -95,10 +104,7 @@ def test_a_host_that_cannot_renew_stops_acting_locally(ledger, mono):
 def test_a_fenced_host_writes_nothing_and_sends_nothing(ledger, mono):
     """a made an intent, froze past its lease; b took the account over. a wakes up: its pending -> sent is refused
     by the fence, so it never sends; b fails the intent as never sent and evaluates afresh."""
-    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
-    broker = MemoryBroker(clock)
-    broker.add_account(FUNDING, "USD", "10000.00")
-    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    clock, broker = world()
     a, b = host(ledger, "vps-a", mono), host(ledger, "vps-b", mono)
     a.sync([MT5])
     intent = transfers.create_intent(ledger, at=clock.now(), account=MT5, funding=FUNDING, kind="top_up",
@@ -118,10 +124,7 @@ def test_a_fenced_host_writes_nothing_and_sends_nothing(ledger, mono):
 
 
 def test_a_reply_that_arrives_after_the_lease_moved_is_not_recorded_by_the_old_holder(ledger, mono):
-    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
-    broker = MemoryBroker(clock)
-    broker.add_account(FUNDING, "USD", "10000.00")
-    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    clock, broker = world()
     a, b = host(ledger, "vps-a", mono), host(ledger, "vps-b", mono)
     a.sync([MT5])
     intent = transfers.create_intent(ledger, at=clock.now(), account=MT5, funding=FUNDING, kind="top_up",
@@ -142,10 +145,7 @@ def test_a_reply_that_arrives_after_the_lease_moved_is_not_recorded_by_the_old_h
 
 
 def test_no_frame_leaves_when_the_lease_ends_too_soon(ledger, mono):
-    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
-    broker = MemoryBroker(clock)
-    broker.add_account(FUNDING, "USD", "10000.00")
-    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    clock, broker = world()
     a = host(ledger, "vps-a", mono, ttl=10)
     a.sync([MT5])
     engine = Engine(ledger, broker, Readings(clock, {MT5: "450"}), clock, owner=a.holder, leases=a,
@@ -158,10 +158,7 @@ def test_no_frame_leaves_when_the_lease_ends_too_soon(ledger, mono):
 
 
 def test_an_account_held_elsewhere_is_not_evaluated_and_nothing_is_written(ledger, mono):
-    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
-    broker = MemoryBroker(clock)
-    broker.add_account(FUNDING, "USD", "10000.00")
-    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    clock, broker = world()
     a, b = host(ledger, "vps-a", mono), host(ledger, "vps-b", mono)
     a.sync([MT5])
     b.sync([MT5])
@@ -218,10 +215,7 @@ def test_a_host_frozen_between_its_last_check_and_the_send_is_never_failed_under
     from agent.broker.base import check_send_guard, send_guard
     from agent.ledger.models import AccountLease
 
-    clock = ManualClock(datetime(2026, 11, 25, 9, 0, tzinfo=UTC))
-    broker = MemoryBroker(clock)
-    broker.add_account(FUNDING, "USD", "10000.00")
-    broker.add_account(MT5, "USD", "450.00", mt5=True)
+    clock, broker = world()
     a, b = host(ledger, "vps-a", mono, ttl=40), host(ledger, "vps-b", mono, ttl=40)
     a.sync([MT5])
     policy = policy_for(MT5, **{"cooldown: 30m": "cooldown: 0s"})
