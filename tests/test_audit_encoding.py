@@ -12,7 +12,7 @@ from test_audit_fixtures import build
 from agent.audit.verify import verify
 from agent.ledger.db import Ledger
 
-HEAD = "24f0734a5db57760c496dbaa93ad5fb040b54f46bee12783ec5531d95bffdf03"
+HEAD = "45aca406e3c6e1e3de30050fe179c0565300abc819c2d64b04f8c1dfc9789792"
 
 
 def test_the_known_ledger_has_the_documented_head(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_the_known_ledger_has_the_documented_head(tmp_path: Path) -> None:
     finally:
         ledger.close()
     assert result.ok, [str(p) for p in result.problems]
-    assert (result.rows, result.head) == (122, HEAD)
+    assert (result.rows, result.head) == (139, HEAD)
 
 
 def test_canonical_encoding_by_example() -> None:

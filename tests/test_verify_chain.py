@@ -40,8 +40,9 @@ def test_clean_ledger_verifies_and_prints_its_head(built: Path) -> None:
     assert code == 0, out
     match = re.fullmatch(r"ok: (\d+) rows, head ([0-9a-f]{64})\n", out)
     assert match, out
-    # 6 transfers, 17 events, 2 halts + 1 clearing, 3*30 no-op and 6 acting decisions
-    assert int(match.group(1)) == 6 + 17 + 3 + 3 * NOOP_DECISIONS + 6
+    # 6 transfers, 17 events and the 17 states they left their transfer in, 2 halts + 1 clearing, 3*30 no-op and 6
+    # acting decisions
+    assert int(match.group(1)) == 6 + 17 + 17 + 3 + 3 * NOOP_DECISIONS + 6
     code, head = verify(built, "--print-head")
     assert code == 0 and head.strip() == match.group(2)
 
@@ -87,9 +88,13 @@ def test_a_cleared_halt_uncleared_is_named(built: Path) -> None:
 
 def test_a_state_that_is_not_the_fold_of_its_events(built: Path) -> None:
     tamper(built, "UPDATE transfers SET state = 'confirmed', broker_txn_id = 7777 WHERE id = 3")
-    code, out = verify(built)
+    code, out = verify(built, "--all")
     assert code == 1
-    assert out == "transfers id 3: state confirmed is not the fold of its events (failed)\n"
+    lines = out.splitlines()
+    assert lines[0].startswith("transfers id 3: row differs from its state chained at seq "), out
+    assert "transfers id 3: state confirmed is not the fold of its events (failed)" in lines
+    # the sum that no longer holds names the edited transfer too, after the per-row problems
+    assert lines[-1].startswith("transfers id 3: confirmed top_up of MTR130002535 sum to 175.25 USD"), out
 
 
 def test_a_removed_link_is_named(built: Path) -> None:
@@ -174,7 +179,8 @@ def test_the_migration_chains_an_existing_ledger(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     code, out = verify(old)
     assert code == 0, out
-    assert out.split(",")[0] == fresh.split(",")[0]  # the same number of rows chained
+    # the same rows chained, but one state per transfer (as it is now) instead of one per event: 17 - 6 fewer
+    assert int(out.split()[1]) == int(fresh.split()[1]) - (17 - 6), (out, fresh)
 
 
 def test_concurrent_writers_do_not_fork_the_chain(tmp_path: Path) -> None:
@@ -222,8 +228,8 @@ def test_concurrent_writers_do_not_fork_the_chain(tmp_path: Path) -> None:
     assert not errors, errors
     code, out = verify(tmp_path)
     assert code == 0, out
-    # 60 decisions + 12 halts + 12 clearings + 12 transfers + 24 events
-    assert out.startswith("ok: 120 rows, head "), out
+    # 60 decisions + 12 halts + 12 clearings + 12 transfers + 24 events and their 24 states
+    assert out.startswith("ok: 144 rows, head "), out
 
 
 def test_prune_refuses_to_erase_evidence(built: Path) -> None:
@@ -235,3 +241,156 @@ def test_prune_refuses_to_erase_evidence(built: Path) -> None:
     assert "nothing pruned" in result.stderr
     code, out = verify(built)
     assert code == 1 and out.startswith("decisions id 5: row differs"), out
+
+
+# ---- a transfer's whole row is chained (its mutable columns too) ----
+
+@pytest.mark.parametrize("assignment", [
+    "error_code = 'Forged', error_message = 'forged', resolved_by = 'operator:alice'",
+    "sent_at = '2026-11-03T11:00:09.000000Z'",
+    "updated_at = '2026-11-03T11:00:09.000000Z'",
+    "owner = 'host:1:forged'",
+    "state = 'failed'",
+])
+def test_an_edited_mutable_column_of_a_transfer_is_named(built: Path, assignment: str) -> None:
+    tamper(built, f"UPDATE transfers SET {assignment} WHERE id = 2")  # noqa: S608 - the test's own text
+    code, out = verify(built)
+    assert code == 1
+    assert re.fullmatch(r"transfers id 2: row differs from its state chained at seq \d+ after transfer_events id 6 "
+                        r"\(edited\)\n", out), out
+
+
+def test_every_column_of_transfers_is_in_the_state_link() -> None:
+    from agent.audit.chain import STATE_FIELDS
+    from agent.ledger.models import Transfer
+
+    columns = {c.name for c in Transfer.__table__.columns} - {"amount_minor"} | {"amount"}
+    assert set(STATE_FIELDS) == (columns - {"id"}) | {"transfer_id"}
+    assert len(STATE_FIELDS) == len(set(STATE_FIELDS))
+
+
+def test_the_edited_transfer_is_named_first_not_its_events_or_sums(built: Path) -> None:
+    tamper(built, "UPDATE transfers SET broker_txn_id = 5555 WHERE id = 4")  # confirmed: its event reads it
+    code, out = verify(built, "--all")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith("transfers id 4: row differs from its state chained at seq"), out
+    assert any(line.startswith("transfer_events id ") for line in lines[1:]), out
+
+
+def test_a_state_edited_on_a_failed_transfer_is_named_before_the_sums(built: Path) -> None:
+    tamper(built, "UPDATE transfers SET state = 'confirmed', broker_txn_id = 5555 WHERE id = 3")
+    code, out = verify(built)
+    assert code == 1
+    assert out.startswith("transfers id 3: row differs from its state chained at seq"), out
+
+
+def test_settle_chains_the_row_it_leaves(tmp_path: Path) -> None:
+    """The agent's own changes (settle) keep verify clean, and each event chains the row as it left it."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from agent.engine.transfers import create_intent, settle
+    from agent.ledger.db import Ledger
+
+    write_config(tmp_path)
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    now = datetime(2026, 11, 2, 10, tzinfo=UTC)
+    t = create_intent(ledger, at=now, account="MTR1", funding="CR1", kind="top_up", amount=Decimal("1.00"),
+                      currency="USD", policy="p", policy_sha256="a" * 64, equity=Decimal(1), reason="r",
+                      owner="host:1:run")
+    settle(ledger, t.id, "sent", now, "agent", expected="pending")
+    settle(ledger, t.id, "unknown", now, "agent", error_code="Timeout", error_message="no reply")
+    settle(ledger, t.id, "failed", now, "operator:bob", resolved_by="operator:bob", error_code="NotExecuted",
+           error_message="checked by hand")
+    ledger.close()
+    code, out = verify(tmp_path)
+    assert code == 0 and out.startswith("ok: 9 rows, "), out  # 1 intent + 4 events + 4 states
+    tamper(tmp_path, "UPDATE transfers SET resolved_by = 'operator:mallory' WHERE id = 1")
+    code, out = verify(tmp_path)
+    assert code == 1 and out.startswith("transfers id 1: row differs from its state chained at seq 9 after "
+                                        "transfer_events id 4"), out
+
+
+def test_migration_0006_chains_the_transfers_of_an_existing_ledger(built: Path) -> None:
+    """A ledger chained before 0006 (no state links) gets one per transfer, its row as it is now."""
+    from sqlalchemy import delete, update
+
+    from agent.audit.chain import GENESIS, KINDS, STATE, backfill
+    from agent.ledger.db import make_engine
+    from agent.ledger.models import AuditChainEntry, AuditHead
+
+    engine = make_engine(f"sqlite:///{built / 'ledger.db'}")
+    with engine.begin() as conn:  # the chain as 0004/0005 wrote it
+        conn.execute(delete(AuditChainEntry))
+        conn.execute(update(AuditHead).values(seq=0, hash=GENESIS))
+        backfill(conn, kinds=[k for k in KINDS if k is not STATE])
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0005'")
+    engine.dispose()
+    code, out = verify(built)  # before the upgrade: clean (verify does not ask 0005 for state links)
+    assert code == 0 and out.startswith(f"ok: {6 + 17 + 3 + 3 * NOOP_DECISIONS + 6} rows, "), out
+    result = run_cli("db", "upgrade", cwd=built)
+    assert result.returncode == 0, result.stderr
+    code, out = verify(built)
+    assert code == 0 and out.startswith(f"ok: {6 + 17 + 6 + 3 + 3 * NOOP_DECISIONS + 6} rows, "), out
+    tamper(built, "UPDATE transfers SET error_code = 'Forged' WHERE id = 6")
+    code, out = verify(built)
+    assert code == 1 and out.startswith("transfers id 6: row differs from its state chained at seq"), out
+
+
+# ---- a removed chain, and the head ----
+
+def test_a_dropped_chain_is_tampering_not_an_old_ledger(built: Path) -> None:
+    tamper(built, "DROP TABLE audit_chain")
+    code, out = verify(built)
+    assert code == 1
+    assert out == ("transfers id 1: not in the hash chain: the audit_chain table is missing (dropped), behind the "
+                   "agent's back\n"), out
+
+
+def test_an_emptied_chain_is_named(built: Path) -> None:
+    tamper(built, "DELETE FROM audit_chain")
+    code, out = verify(built)
+    assert code == 1
+    assert out.startswith("transfers id 1: not in the hash chain: the audit_chain table was emptied"), out
+
+
+def test_a_dropped_head_table_is_named(built: Path) -> None:
+    tamper(built, "DROP TABLE audit_head")
+    code, out = verify(built)
+    assert code == 1
+    assert out.startswith("audit_chain id 139: the audit_head table is missing (dropped)"), out
+
+
+def test_an_old_ledger_without_a_chain_is_told_to_upgrade(built: Path) -> None:
+    tamper(built, "DROP TABLE audit_chain")
+    tamper(built, "UPDATE alembic_version SET version_num = '0003'")
+    result = run_cli("verify", cwd=built)
+    assert result.returncode == 1
+    assert "no hash chain yet" in result.stderr and "db upgrade" in result.stderr
+
+
+def test_links_removed_at_the_end_name_a_real_link(built: Path) -> None:
+    tamper(built, "DELETE FROM audit_chain WHERE seq >= 138")
+    code, out = verify(built, "--all")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == ("audit_chain id 138: missing: the ledger chain ends at seq 137, but its head (audit_head) "
+                        "was written at seq 139 (links removed at the end)"), out
+    assert not any(line.startswith("audit_head id") for line in lines), out
+
+
+def test_an_edited_head_names_the_last_link(built: Path) -> None:
+    tamper(built, "UPDATE audit_head SET hash = ? WHERE chain = 'ledger'", "e" * 64)
+    code, out = verify(built)
+    assert code == 1
+    assert out == ("audit_chain id 139: the last ledger link, but the ledger head (audit_head) does not match it "
+                   "(the head was edited)\n"), out
+
+
+def test_a_revision_set_back_does_not_hide_an_edit(built: Path) -> None:
+    """Setting alembic_version back to 0005 does not stop the comparison of the transfers that have state links."""
+    tamper(built, "UPDATE alembic_version SET version_num = '0005'")
+    tamper(built, "UPDATE transfers SET owner = 'host:9:forged' WHERE id = 5")
+    code, out = verify(built)
+    assert code == 1 and out.startswith("transfers id 5: row differs from its state chained at seq"), out

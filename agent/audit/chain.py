@@ -1,7 +1,9 @@
 """Tamper evidence: a hash chain over every row appended to the money tables.
 
 Each chained row (a transfer's intent, a transfer event - the agent's, reconcile's or an operator's -, a halt's
-creation and, as a link of its own, its clearing, a decision, a prune checkpoint) gets one `audit_chain` link:
+creation and, as a link of its own, its clearing, a decision, a prune checkpoint) gets one `audit_chain` link; a
+transfer event gets a second one (`state`): its transfer's whole row as the event left it, so that every column of
+a transfer, the mutable ones too, is chained (verify compares each transfer with its latest `state` link):
 
     content_hash = sha256(canonical(row))                       (the encoding is below and in the README)
     hash         = sha256(f"{seq}:{prev_hash}:{content_hash}")  (prev_hash: the previous link of the same chain)
@@ -46,7 +48,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from agent import money
 from agent.ledger.models import (
@@ -64,6 +66,12 @@ CHAINS = ("ledger", "journal")
 BATCH = 500  # ids per IN (...) query: under every database's bound-parameter limit
 
 
+# Every column of `transfers`, in the order of a `transfer_events`/`state` link (a test checks the model has no other).
+STATE_FIELDS = ("transfer_id", "created_at", "updated_at", "account", "funding", "kind", "amount", "currency", "state",
+                "broker_txn_id", "policy", "policy_sha256", "equity", "reason", "error_code", "error_message",
+                "sent_at", "resolved_by", "owner")
+
+
 @dataclass(frozen=True)
 class Kind:
     """One kind of chained row: a table and what happened to the row (create, clear, append)."""
@@ -78,6 +86,8 @@ KINDS: tuple[Kind, ...] = (
                                  "policy_sha256", "equity", "reason")),
     # broker_txn_id: the transfer's, on the `confirmed` event only (a confirmed transfer never changes again)
     Kind("transfer_events", "append", ("id", "transfer_id", "at", "state", "actor", "detail", "broker_txn_id")),
+    # the transfer's whole row as it is after the event (id: the event's): its mutable columns are chained too
+    Kind("transfer_events", "state", ("id", *STATE_FIELDS)),
     Kind("halts", "create", ("id", "account", "kind", "scope", "reason", "created_at", "created_by")),
     Kind("halts", "clear", ("id", "cleared_at", "cleared_by")),
     Kind("decisions", "append", ("id", "at", "account", "policy", "policy_sha256", "action", "amount", "currency",
@@ -124,19 +134,41 @@ def _amount(minor: int, currency: str) -> str:
         return f"{minor} minor"
 
 
+def _as_stored(dialect: str) -> Any:
+    def t_(column: Any) -> Any:
+        return type_coerce(column, String) if dialect == "sqlite" else column
+    return t_
+
+
+def state_columns(dialect: str = "sqlite") -> list[Any]:
+    """The transfer columns of a `state` link (STATE_FIELDS), as select_rows reads them."""
+    t_, t = _as_stored(dialect), Transfer
+    return [t.id, t_(t.created_at), t_(t.updated_at), t.account, t.funding, t.kind, t.amount_minor, t.currency,
+            t.state, t.broker_txn_id, t.policy, t.policy_sha256, t.equity, t.reason, t.error_code, t.error_message,
+            t_(t.sent_at), t.resolved_by, t.owner]
+
+
+def encode_state(event_id: int, columns: Sequence[Any]) -> str:
+    """The content hash of a `state` link: the event's id and the transfer's columns as state_columns reads them."""
+    values = [event_id, *columns]
+    values[7] = _amount(values[7], values[8])
+    return content_hash("transfer_events", "state", values)
+
+
 def select_rows(kind: Kind, dialect: str = "sqlite") -> Select[Any]:
     """The columns a kind's canonical encoding reads, ordered by id (callers add conditions).
 
     On SQLite a time is stored as the very text the encoding gives it ("...T09:00:00.000000Z"), so it is read as
     text, not parsed and formatted again (a third of verify's time); a stored text that is not in that form then
     simply encodes differently. Other databases give typed values, encoded by encode_value."""
-    def t_(column: Any) -> Any:
-        return type_coerce(column, String) if dialect == "sqlite" else column
-
+    t_ = _as_stored(dialect)
     if kind.source == "transfers":
         t = Transfer
         return select(t.id, t_(t.created_at), t.account, t.funding, t.kind, t.amount_minor, t.currency, t.policy,
                       t.policy_sha256, t.equity, t.reason).order_by(t.id)
+    if kind.source == "transfer_events" and kind.action == "state":
+        return (select(TransferEvent.id, *state_columns(dialect))
+                .join(Transfer, Transfer.id == TransferEvent.transfer_id, isouter=True).order_by(TransferEvent.id))
     if kind.source == "transfer_events":
         e = TransferEvent
         return (select(e.id, e.transfer_id, t_(e.at), e.state, e.actor, e.detail, Transfer.broker_txn_id)
@@ -166,6 +198,8 @@ def encode_row(kind: Kind, row: Sequence[Any]) -> tuple[str, str]:
     chain = "ledger"
     if kind.source == "transfers":
         values[5] = _amount(values[5], values[6])
+    elif kind.source == "transfer_events" and kind.action == "state":
+        return chain, encode_state(values[0], values[1:])
     elif kind.source == "transfer_events":
         values[6] = values[6] if values[3] == "confirmed" else None
     elif kind.source == "decisions" and values[5] == "none":
@@ -174,10 +208,16 @@ def encode_row(kind: Kind, row: Sequence[Any]) -> tuple[str, str]:
 
 
 def chained_after(kind: Kind) -> Any:
-    """The condition 'this row has no link yet' (backfill)."""
+    """The condition 'this row has no link yet' (backfill). For `state` links: the transfer's latest event has
+    none (a ledger chained before them gets one snapshot per transfer, of its row as it is now)."""
     column = id_column(kind)
-    return ~exists().where(AuditChainEntry.source == kind.source, AuditChainEntry.action == kind.action,
-                           AuditChainEntry.row_id == column)
+    unchained = ~exists().where(AuditChainEntry.source == kind.source, AuditChainEntry.action == kind.action,
+                                AuditChainEntry.row_id == column)
+    if kind.action != "state":
+        return unchained
+    later = aliased(TransferEvent)
+    latest = ~exists().where(later.transfer_id == TransferEvent.transfer_id, later.id > TransferEvent.id)
+    return and_(latest, unchained)
 
 
 def fetch(conn: Connection, kind: Kind, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
@@ -239,12 +279,13 @@ def append_rows(conn: Connection, entries: Sequence[tuple[Kind, int]], at: datet
     return append(conn, items, at)
 
 
-def backfill(conn: Connection, at: datetime | None = None, page: int = 20_000) -> int:
+def backfill(conn: Connection, at: datetime | None = None, page: int = 20_000,
+             kinds: Sequence[Kind] = KINDS) -> int:
     """Chain every row that has no link yet, table by table in id order (the migration chains an existing
     ledger from its first row with this; the benchmark too, after bulk inserts)."""
     at = at or datetime.now(UTC)
     total = 0
-    for kind in KINDS:
+    for kind in kinds:
         last = 0
         column = id_column(kind)
         while True:
@@ -269,6 +310,7 @@ _NEW = {Transfer: BY_NAME[("transfers", "create")], TransferEvent: BY_NAME[("tra
         AuditCheckpoint: BY_NAME[("audit_checkpoints", "create")]}
 _ORDER = {kind: index for index, kind in enumerate(KINDS)}
 CLEAR = BY_NAME[("halts", "clear")]
+STATE = BY_NAME[("transfer_events", "state")]
 
 
 def _has_chain(conn: Connection) -> bool:
@@ -294,6 +336,8 @@ def pending_entries(session: Session) -> Iterator[tuple[Kind, int]]:
         if kind is None:
             continue
         yield kind, obj.id
+        if isinstance(obj, TransferEvent):
+            yield STATE, obj.id
         if isinstance(obj, Halt) and obj.cleared_at is not None:
             yield CLEAR, obj.id
     for obj in session.dirty:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, and_, exists, func, inspect, or_, select, text
 from sqlalchemy.orm import Session
 
 from agent import money
@@ -29,9 +29,15 @@ ALLOWED = {
 PAGE = 10_000
 
 
+# The order problems are reported in, so that the first line names the row that was edited: rows and links (by the
+# seq of the link concerned; a transfer's whole-row check by its intent's link, before its events', whose
+# encoding reads its broker_txn_id), then each transfer's fold, then the sums over many rows.
+ROWS, FOLDS, SUMS = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class Problem:
-    order: tuple[int, int]  # (seq of the link it concerns, or a large number for rows with no link; row id)
+    order: tuple[int, int, int]  # (ROWS/FOLDS/SUMS; seq of the link it concerns, or NO_LINK; row id)
     table: str
     row_id: int
     what: str
@@ -54,16 +60,23 @@ class Result:
 NO_LINK = 2**62
 
 
-def _paged(conn: Connection, query: Any, key: Any) -> Iterator[Any]:
-    """Rows of `query` in `key` order, fetched a page at a time (keyset): memory stays flat on big ledgers."""
+def _pages(conn: Connection, query: Any, key: Any) -> Iterator[Sequence[Any]]:
+    """Pages of `query`'s rows in `key` order (keyset): memory stays flat on big ledgers."""
     last = None
     while True:
         page_query = query if last is None else query.where(key > last)
         rows = conn.execute(page_query.limit(PAGE)).all()
-        yield from rows
+        if rows:
+            yield rows
         if len(rows) < PAGE:
             return
         last = rows[-1][0]
+
+
+def _paged(conn: Connection, query: Any, key: Any) -> Iterator[Any]:
+    """Rows of `query` in `key` order, fetched a page at a time."""
+    for rows in _pages(conn, query, key):
+        yield from rows
 
 
 def _links(conn: Connection, kind: chainmod.Kind) -> Iterator[Any]:
@@ -77,6 +90,8 @@ def check_contents(conn: Connection, journal_base: int) -> list[Problem]:
     """Every chained row still encodes to its link's content hash, has a link, and every link has its row."""
     problems: list[Problem] = []
     for kind in chainmod.KINDS:
+        if kind is chainmod.STATE:
+            continue  # a transfer's whole row is compared with its latest `state` link alone: check_states
         rows = _paged(conn, chainmod.select_rows(kind, conn.dialect.name), chainmod.id_column(kind))
         links = _links(conn, kind)
         row = next(rows, None)
@@ -85,23 +100,68 @@ def check_contents(conn: Connection, journal_base: int) -> list[Problem]:
         while row is not None or entry is not None:
             if entry is None or (row is not None and row[0] < entry[0]):
                 assert row is not None
-                problems.append(Problem((NO_LINK, row[0]), kind.source, row[0],
+                problems.append(Problem((ROWS, NO_LINK, row[0]), kind.source, row[0],
                                         f"{'clearing ' if kind.action == 'clear' else ''}not in the hash chain "
                                         "(written behind the agent's back)"))
                 row = next(rows, None)
             elif row is None or entry[0] < row[0]:
                 seq = int(entry[1])
                 if not (kind.source == "decisions" and entry[2] == "journal" and seq <= journal_base):
-                    problems.append(Problem((seq, entry[0]), kind.source, entry[0],
+                    problems.append(Problem((ROWS, seq, entry[0]), kind.source, entry[0],
                                             f"{what} chained at seq {seq} is missing (deleted)"))
                 entry = next(links, None)
             else:
                 chain, content = chainmod.encode_row(kind, row)
                 if content != entry[3] or chain != entry[2]:
-                    problems.append(Problem((int(entry[1]), row[0]), kind.source, row[0],
+                    problems.append(Problem((ROWS, int(entry[1]), row[0]), kind.source, row[0],
                                             f"{what} differs from what was chained at seq {entry[1]} (edited)"))
                 row = next(rows, None)
                 entry = next(links, None)
+    return problems
+
+
+def check_states(conn: Connection, required: bool = True) -> list[Problem]:
+    """Every transfer's row, all its columns, is what its latest `state` link chained (the row as its latest event
+    left it): a mutable column (state, broker_txn_id, error fields, sent_at, updated_at, resolved_by, owner)
+    changed behind the agent's back is named here. `required`: every chained transfer has a `state` link (a
+    ledger at revision 0006 or later; before it, only those with one are compared)."""
+    problems: list[Problem] = []
+    state, create = chainmod.STATE, chainmod.BY_NAME[("transfers", "create")]
+    # the newest state link whose event was deleted: a transfer whose latest surviving state link is older may
+    # differ because of that deletion (named by check_contents), so it is named after it, not before
+    deleted = conn.execute(select(func.max(AuditChainEntry.row_id)).where(
+        AuditChainEntry.source == state.source, AuditChainEntry.action == state.action,
+        ~exists().where(TransferEvent.id == AuditChainEntry.row_id))).scalar()
+    query = select(*chainmod.state_columns(conn.dialect.name)).order_by(Transfer.id)
+    for rows in _pages(conn, query, Transfer.id):
+        low, high = rows[0][0], rows[-1][0]
+        latest: dict[int, tuple[int, int, str]] = {}  # transfer id -> (event id, seq, content hash)
+        for transfer_id, event_id, seq, content in conn.execute(
+                select(TransferEvent.transfer_id, AuditChainEntry.row_id, AuditChainEntry.seq,
+                       AuditChainEntry.content_hash)
+                .join(TransferEvent, TransferEvent.id == AuditChainEntry.row_id)
+                .where(AuditChainEntry.source == state.source, AuditChainEntry.action == state.action,
+                       TransferEvent.transfer_id.between(low, high))):
+            if transfer_id not in latest or event_id > latest[transfer_id][0]:
+                latest[transfer_id] = (int(event_id), int(seq), content)
+        created = {int(r[0]): int(r[1]) for r in conn.execute(
+            select(AuditChainEntry.row_id, AuditChainEntry.seq)
+            .where(AuditChainEntry.source == create.source, AuditChainEntry.action == create.action,
+                   AuditChainEntry.row_id.between(low, high)))}
+        for row in rows:
+            transfer_id = int(row[0])
+            found = latest.get(transfer_id)
+            if found is None:
+                if required and transfer_id in created:  # one with no intent link: named by check_contents
+                    problems.append(Problem((ROWS, NO_LINK, transfer_id), "transfers", transfer_id,
+                                            "its state is not in the hash chain (no state link for its events)"))
+                continue
+            event_id, seq, content = found
+            if chainmod.encode_state(event_id, row) != content:
+                order = NO_LINK if deleted is not None and deleted > event_id else created.get(transfer_id, seq)
+                problems.append(Problem((ROWS, order, transfer_id), "transfers",
+                                        transfer_id, f"row differs from its state chained at seq {seq} after "
+                                        f"transfer_events id {event_id} (edited)"))
     return problems
 
 
@@ -113,28 +173,54 @@ def check_links(conn: Connection) -> tuple[int, dict[str, str], int, list[Proble
                               .order_by(AuditCheckpoint.id.desc()).limit(1)).first()
     base_seq, base_hash = (int(checkpoint[0]), checkpoint[1]) if checkpoint else (0, chainmod.GENESIS)
     heads = {"ledger": chainmod.GENESIS, "journal": base_hash}
-    count = 0
+    last_seq = {"ledger": 0, "journal": base_seq}
+    gaps: list[tuple[int, int]] = []  # (first, last) seq of each run of missing seqs, in order
+    count = previous = 0
     query = select(AuditChainEntry.seq, AuditChainEntry.chain, AuditChainEntry.content_hash,
                    AuditChainEntry.prev_hash, AuditChainEntry.hash).order_by(AuditChainEntry.seq)
     for seq, chain, content, prev, digest in _paged(conn, query, AuditChainEntry.seq):
+        seq = int(seq)
         count += 1
+        if seq - 1 > max(previous, base_seq):  # missing seqs (not those of the pruned journal range)
+            gaps.append((max(previous, base_seq) + 1, seq - 1))
+        previous = seq
         if chain not in heads:
-            problems.append(Problem((seq, seq), "audit_chain", seq, f"unknown chain {chain!r}"))
+            problems.append(Problem((ROWS, seq, seq), "audit_chain", seq, f"unknown chain {chain!r}"))
             continue
         if chain == "journal" and seq <= base_seq:
-            problems.append(Problem((seq, seq), "audit_chain", seq, "a journal link before the prune checkpoint"))
+            problems.append(Problem((ROWS, seq, seq), "audit_chain", seq,
+                                    "a journal link before the prune checkpoint"))
             continue
         if prev != heads[chain]:
-            problems.append(Problem((seq, seq), "audit_chain", seq,
+            problems.append(Problem((ROWS, seq, seq), "audit_chain", seq,
                                     f"does not follow the previous {chain} link (a link was removed or inserted)"))
         if chainmod.link(seq, prev, content) != digest:
-            problems.append(Problem((seq, seq), "audit_chain", seq, "its hash does not match its content (edited)"))
+            problems.append(Problem((ROWS, seq, seq), "audit_chain", seq,
+                                    "its hash does not match its content (edited)"))
         heads[chain] = digest
-    stored = {r[0]: r[1] for r in conn.execute(select(AuditHead.chain, AuditHead.hash))}
+        last_seq[chain] = seq
+    stored = {r[0]: (int(r[1]), r[2]) for r in conn.execute(select(AuditHead.chain, AuditHead.seq, AuditHead.hash))}
     for chain, digest in heads.items():
-        if stored.get(chain) != digest:
-            problems.append(Problem((NO_LINK, 0), "audit_head", 0,
-                                    f"the {chain} head does not match its last link (links removed at the end)"))
+        head_seq, head_hash = stored.get(chain, (0, None))
+        if head_hash == digest:
+            continue
+        end = last_seq[chain]
+        if count == 0:  # every link gone: name the first row that lost its link
+            problems.append(first_unlinked(conn, f"the audit_chain table was emptied (its {chain} head, "
+                                                 f"audit_head, was written at seq {head_seq})"))
+            break
+        if head_seq > end:  # links removed at the end: name the first seq missing after this chain's last link
+            missing = next((max(first, end + 1) for first, last in gaps if last > end), max(end, previous) + 1)
+            problems.append(Problem((ROWS, missing, missing), "audit_chain", missing,
+                                    f"missing: the {chain} chain ends at seq {end}, but its head (audit_head) was "
+                                    f"written at seq {head_seq} (links removed at the end)"))
+        elif end:
+            problems.append(Problem((ROWS, NO_LINK, end), "audit_chain", end,
+                                    f"the last {chain} link, but the {chain} head (audit_head) does not match it "
+                                    "(the head was edited)"))
+        else:
+            problems.append(Problem((ROWS, NO_LINK, 0), "audit_chain", 0,
+                                    f"the {chain} chain has no link, but its head (audit_head) names one (edited)"))
     return count, heads, base_seq, problems
 
 
@@ -150,22 +236,22 @@ def check_invariants(conn: Connection) -> list[Problem]:
         if before is None and transfer_id in folds:
             continue  # already broken: reported once
         if (before is None and state != "pending") or (before is not None and state not in ALLOWED.get(before, ())):
-            problems.append(Problem((NO_LINK, transfer_id), "transfers", transfer_id,
+            problems.append(Problem((FOLDS, NO_LINK, transfer_id), "transfers", transfer_id,
                                     f"its events go {before or 'nowhere'} -> {state}, which is not allowed"))
             folds[transfer_id] = None
             continue
         folds[transfer_id] = state
     for transfer_id, state in transfers:
         if transfer_id not in folds:
-            problems.append(Problem((NO_LINK, transfer_id), "transfers", transfer_id, "has no events"))
+            problems.append(Problem((FOLDS, NO_LINK, transfer_id), "transfers", transfer_id, "has no events"))
         elif folds[transfer_id] is not None and folds[transfer_id] != state:
-            problems.append(Problem((NO_LINK, transfer_id), "transfers", transfer_id,
+            problems.append(Problem((FOLDS, NO_LINK, transfer_id), "transfers", transfer_id,
                                     f"state {state} is not the fold of its events ({folds[transfer_id]})"))
     # no broker transaction linked twice (the UNIQUE constraint says so; a rebuilt table may not)
     for txn, ids in conn.execute(select(Transfer.broker_txn_id, func.min(Transfer.id))
                                  .where(Transfer.broker_txn_id.is_not(None)).group_by(Transfer.broker_txn_id)
                                  .having(func.count(Transfer.id) > 1)):
-        problems.append(Problem((NO_LINK, int(ids)), "transfers", int(ids), f"broker txn {txn} is linked twice"))
+        problems.append(Problem((FOLDS, NO_LINK, int(ids)), "transfers", int(ids), f"broker txn {txn} is linked twice"))
     # sums per account: confirmed transfers against transfers with a confirmed event
     by_state = {tuple(r[:3]): int(r[3]) for r in conn.execute(
         select(Transfer.account, Transfer.kind, Transfer.currency, func.sum(Transfer.amount_minor))
@@ -178,8 +264,13 @@ def check_invariants(conn: Connection) -> list[Problem]:
         a, b = by_state.get(key, 0), by_event.get(key, 0)
         if a != b:
             account, kind, currency = key
-            first = conn.execute(select(func.min(Transfer.id)).where(Transfer.account == account)).scalar_one()
-            problems.append(Problem((NO_LINK, int(first or 0)), "transfers", int(first or 0),
+            # name a transfer of the group whose state and events disagree about its confirmation
+            group = and_(Transfer.account == account, Transfer.kind == kind, Transfer.currency == currency)
+            culprit = or_(and_(Transfer.state == "confirmed", Transfer.id.not_in(confirmed_ids)),
+                          and_(Transfer.state != "confirmed", Transfer.id.in_(confirmed_ids)))
+            first = (conn.execute(select(func.min(Transfer.id)).where(group, culprit)).scalar_one()
+                     or conn.execute(select(func.min(Transfer.id)).where(group)).scalar_one())
+            problems.append(Problem((SUMS, NO_LINK, int(first or 0)), "transfers", int(first or 0),
                                     f"confirmed {kind} of {account} sum to {_fmt(a, currency)} {currency}, but "
                                     f"their confirmed events to {_fmt(b, currency)}"))
     return problems
@@ -197,9 +288,59 @@ def head_of(heads: dict[str, str]) -> str:
     return chainmod.link(0, heads["ledger"], heads["journal"])
 
 
+CHAIN_TABLES = ("audit_chain", "audit_head", "audit_checkpoints")
+
+
+def missing_tables(conn: Connection) -> list[str]:
+    inspector = inspect(conn)
+    return [table for table in CHAIN_TABLES if not inspector.has_table(table)]
+
+
+def revision_of(conn: Connection) -> int | None:
+    """The ledger's schema revision as a number (None: none recorded; a large one: not a number)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    if revision is None:
+        return None
+    return int(revision) if str(revision).isdigit() else NO_LINK
+
+
+def chain_expected(conn: Connection) -> bool:
+    """The ledger's schema revision (0004 or later) says it has a hash chain: without one, it was removed."""
+    revision = revision_of(conn)
+    return revision is not None and revision >= 4
+
+
+def chain_dropped(conn: Connection, missing: Sequence[str]) -> Problem:
+    """The problem to name when chain tables are gone from a ledger that had them: the first row that lost its
+    link, or the chain's last link when only its head or checkpoints went."""
+    what = f"the {' and '.join(missing)} table{'s are' if len(missing) > 1 else ' is'} missing (dropped)"
+    if "audit_chain" not in missing:
+        last = conn.execute(select(func.max(AuditChainEntry.seq))).scalar()
+        return Problem((ROWS, 0, 0), "audit_chain", int(last or 0), f"{what}: this chain cannot be checked")
+    return first_unlinked(conn, what)
+
+
+def first_unlinked(conn: Connection, what: str) -> Problem:
+    """The whole chain is gone: name the first money row (in the chain's table order) that lost its link."""
+    for kind in chainmod.KINDS:
+        if kind.action in ("create", "append"):
+            first = conn.execute(select(func.min(chainmod.id_column(kind)))).scalar()
+            if first is not None:
+                return Problem((ROWS, 0, int(first)), kind.source, int(first),
+                               f"not in the hash chain: {what}, behind the agent's back")
+    return Problem((ROWS, 0, 0), "audit_chain", 0, f"{what}, behind the agent's back")
+
+
 def verify(conn: Connection) -> Result:
+    missing = missing_tables(conn)
+    if missing:
+        return Result(rows=0, head=head_of({c: chainmod.GENESIS for c in chainmod.CHAINS}),
+                      problems=[chain_dropped(conn, missing)])
     count, heads, base, problems = check_links(conn)
     problems += check_contents(conn, base)
+    problems += check_states(conn, required=(revision_of(conn) or 0) >= 6)
     problems += check_invariants(conn)
     problems.sort(key=lambda p: p.order)
     return Result(rows=count, head=head_of(heads), problems=problems)

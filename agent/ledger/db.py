@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # Every migration this build ships, oldest first, and the newest. Checked against migrations/ by a test; lets a
 # ledger that is already current open without importing Alembic (a third of the start-up time of every command),
 # and a ledger written by a newer fund-agent be refused before anything reads or copies it.
-KNOWN = ("0001", "0002", "0003", "0004", "0005")
+KNOWN = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD = KNOWN[-1]
 READ_ONLY_OPTION = "fund_agent_read_only"
 # PostgreSQL: a writer that waits this long for a row or table lock gives up (the tick retries on the next pass)
