@@ -115,6 +115,26 @@ def find_config(explicit: str | None) -> Path:
     return Path("fund-agent.yaml")
 
 
+def database_problem(value: str) -> str | None:
+    """Why a `database:` value cannot be used (checked with the config, not at the first query), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        return "not a database URL: use sqlite:///ledger.db or postgresql+psycopg://USER@HOST:PORT/DB"
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        return f"{backend} is not supported: use sqlite:///ledger.db or postgresql+psycopg://USER@HOST:PORT/DB"
+    if backend == "postgresql" and url.get_driver_name() not in ("psycopg", "psycopg2"):
+        return "use the psycopg driver: postgresql+psycopg://USER@HOST:PORT/DB"
+    if url.password is not None:
+        return ("a password is written in the URL: secrets never go in this file; name the variable that holds it "
+                "with database_password_env (or use PGPASSWORD / ~/.pgpass)")
+    return None
+
+
 def _database_url(value: str, base: Path) -> str:
     """sqlite:///relative.db is relative to the config file's folder."""
     prefix = "sqlite:///"
@@ -266,8 +286,9 @@ class _Checker:
     def env_name(self, raw: dict[str, Any], key: str, where: str, default: str | None) -> str | None:
         name = self.text(raw, key, where, default, "the name of an environment variable")
         if name is not None and not ENV_NAME.match(name):
-            raise self.fail(f"{where}.{key}", f"{_one_line(repr(name), 60)} is not an environment variable name "
-                                              "(letters, digits and _)")
+            raise self.fail(f"{where}.{key}", "is not an environment variable name (letters, digits and _; the "
+                                              "value is not shown: write the NAME of the variable that holds the "
+                                              "secret, never the secret)")
         return name
 
     def duration(self, raw: dict[str, Any], key: str, where: str, default: str, zero_ok: bool = False) -> float:
@@ -300,8 +321,11 @@ def parse_config(raw: dict[str, Any], base: Path, path: Path | None = None,
     if not isinstance(raw, dict):
         raise check.fail("config", "must be a mapping of keys to values")
     check.known(raw, "", TOP_KEYS)
-    database = _database_url(check.text(raw, "database", "", "sqlite:///ledger.db",
-                                        "a database URL like sqlite:///ledger.db") or "", base)
+    database_text = check.text(raw, "database", "", "sqlite:///ledger.db", "a database URL like sqlite:///ledger.db")
+    why = database_problem(database_text or "")
+    if why:
+        raise check.fail("database", why)
+    database = _database_url(database_text or "", base)
     policies = base / (check.text(raw, "policies", "", "policies/", "a folder or file name") or "")
 
     broker_raw = check.section(raw, "broker")

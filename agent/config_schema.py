@@ -69,7 +69,9 @@ def _duration_or_zero(value: object) -> bool:
 @_formats.checks("env-name", raises=_Bad)
 def _env_name(value: object) -> bool:
     if isinstance(value, str) and value.strip() and not ENV_NAME.match(value):
-        raise _Bad(f"{one_line(repr(value), 60)} is not an environment variable name (letters, digits and _)")
+        # the value is not shown: a secret pasted where its variable's NAME belongs must not reach a log
+        raise _Bad("is not an environment variable name (letters, digits and _; the value is not shown: write "
+                   "the NAME of the variable that holds the secret, never the secret)")
     return True
 
 

@@ -13,12 +13,19 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 FORMATS = ("table", "json", "jsonl", "csv")
 # every command that prints rows takes the same --format choice, validated the same way
 FORMAT = click.Choice(FORMATS)
 PROGRESS_FROM = 2000  # rows: fewer are written before a bar would be seen
 T = TypeVar("T")
+
+
+def echo(text: str) -> None:
+    """Print rendered rows; an empty JSON Lines result is no line at all (not one empty line)."""
+    if text:
+        click.echo(text)
 
 
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
@@ -37,7 +44,9 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
             bar.advance(task)
 
 
-def render(records: list[dict[str, Any]], fmt: str, columns: list[str], title: str | None = None) -> str:
+def render(records: list[dict[str, Any]], fmt: str, columns: list[str], title: str | None = None,
+           fields: list[str] | None = None) -> str:
+    """`columns` are the table's; `fields` every key of a record (the CSV header, also when nothing matched)."""
     fmt = fmt.lower()
     if fmt == "json":
         return json.dumps(records, indent=2, default=str)
@@ -45,17 +54,18 @@ def render(records: list[dict[str, Any]], fmt: str, columns: list[str], title: s
         return "".join(json.dumps(r, default=str) + "\n" for r in progress(records, "jsonl")).rstrip("\n")
     if fmt == "csv":
         buffer = io.StringIO()
-        keys = list(records[0].keys()) if records else columns
+        keys = list(records[0].keys()) if records else (fields or columns)
         writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         for record in progress(records, "csv"):
             writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()})
         return buffer.getvalue().rstrip("\n")
-    table = Table(title=title, show_lines=False)
+    # Text cells: what operators typed (a halt reason, a policy name) is shown as typed, never read as rich markup
+    table = Table(title=Text(title) if title else None, show_lines=False)
     for column in columns:
         table.add_column(column, overflow="fold")
     for record in records:
-        table.add_row(*["" if record.get(c) is None else str(record.get(c)) for c in columns])
+        table.add_row(*[Text("" if record.get(c) is None else str(record.get(c))) for c in columns])
     console = Console(file=io.StringIO(), width=200, force_terminal=False, color_system=None)
     console.print(table)
     if not records:

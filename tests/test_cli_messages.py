@@ -144,6 +144,7 @@ def test_ids_out_of_the_64_bit_positive_range_are_usage_errors(workspace, args):
 
 
 def test_the_largest_id_is_accepted(workspace):
+    assert run_cli("db", "upgrade", cwd=workspace).returncode == 0  # a ledger, with no such transfer in it
     result = run_cli("resolve", str(2**63 - 1), "--confirmed", str(2**63 - 1), cwd=workspace)
     assert result.returncode == 1
     assert one_line(result.stderr) == f"fund-agent: error: no transfer {2**63 - 1} in the ledger"

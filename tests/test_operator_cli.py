@@ -64,6 +64,8 @@ def test_unknown_transfer_reconcile_and_resolve(workspace, fake):
     assert "failed (by operator:" in done.stdout
     [row] = json.loads(run_cli("ledger", "--format", "json", cwd=workspace).stdout)
     assert row["state"] == "failed" and row["resolved_by"].startswith("operator:")
+    assert row["error_code"] == "WrongResponse"  # the broker's code stays verbatim; the reason joins the message
+    assert "checked the Deriv cashier" in row["error_message"]
     again = run_cli("resolve", str(row["id"]), "--confirmed", "1", cwd=workspace)
     assert again.returncode == 1 and "only sent or unknown" in again.stderr
 

@@ -28,4 +28,4 @@ def test_a_transfer_the_ledger_does_not_know_is_reported(workspace, fake):
     loud = run_cli("reconcile", cwd=workspace, env=ENV)
     assert loud.returncode == 1
     [line] = [x for x in loud.stdout.splitlines() if x.startswith("not in ledger")]
-    assert f"txn {txn} amount -12.34 account {MT5}" in line and FUNDING in line
+    assert f"txn {txn} amount -12.34 account {MT5}" in line and FUNDING in line, line

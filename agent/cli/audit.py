@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
-from agent.cli.commands import EXIT_FAIL, Failure, _config, _moment, cli, db
+from agent.cli.commands import EXIT_FAIL, Failure, _config, _existing_ledger, _range, cli, db
+
+MIN_PRUNE_AGE = timedelta(days=1)
 
 STATEMENT_PAGE = 999  # Deriv's cap on `limit`
 EDGE = timedelta(minutes=5)  # the broker's clock and ours may differ a little at the range's edges
@@ -42,15 +44,15 @@ def verify(ctx: click.Context, print_head: bool, show_all: bool, against_broker:
     if against_broker:
         if since is None or until is None:
             raise click.UsageError("--against-broker needs --since and --until")
-        ctx.exit(_against_broker(ctx, _moment(since, "--since"), _moment(until, "--until")))
-    from sqlalchemy import inspect
-
+        ctx.exit(_against_broker(ctx, *_range(since, until)))
+    from agent.audit.verify import chain_expected, missing_tables
     from agent.audit.verify import verify as run_verify
 
     ledger = _open_readonly(ctx)
     try:
         with ledger.reader() as session:
-            if not inspect(session.connection()).has_table("audit_chain"):
+            # at revision 0004 or later a missing chain was removed: verify names it (exit 1)
+            if missing_tables(session.connection()) and not chain_expected(session.connection()):
                 raise Failure("the ledger has no hash chain yet (made before fund-agent 0004): run `fund-agent db "
                               "upgrade`, which chains it from its first row")
             result = run_verify(session.connection())
@@ -154,11 +156,12 @@ def report(ctx: click.Context, account: str | None, since: str, until: str, outp
     """One self-contained HTML file: equity, transfers, net funding, window usage, halts."""
     from agent.audit.report import build_report
 
+    start, end = _range(since, until)
     policies = _policies_in_force(_config(ctx))
     ledger = _open_readonly(ctx)
     try:
         with ledger.reader() as session:
-            page = build_report(session, account, _moment(since, "--since"), _moment(until, "--until"), policies)
+            page = build_report(session, account, start, end, policies)
     finally:
         ledger.close()
     output_path.write_text(page, encoding="utf-8")
@@ -197,7 +200,12 @@ def db_prune(ctx: click.Context, older_than: str, vacuum: bool) -> None:
         age = parse_duration(older_than)
     except DurationError as exc:
         raise click.BadParameter(str(exc), param_hint="'--decisions-older-than'") from None
+    if age < MIN_PRUNE_AGE:
+        # `status` and the health checks read each account's latest evaluation from the journal
+        raise click.BadParameter("at least 1d: the newest decisions say when each account was last evaluated",
+                                 param_hint="'--decisions-older-than'")
     config = _config(ctx)
+    _existing_ledger(config)
     ledger = Ledger.open(config.database, password_env=config.database_password_env)
     try:
         now = utcnow()

@@ -311,11 +311,12 @@ def plan(ctx: click.Context, detailed_exitcode: bool, fmt: str) -> None:
         if ledger_ is not None:
             ledger_.close()
     if fmt != "table":
-        click.echo(output.render(rows, fmt, list(rows[0]) if rows else []))
+        output.echo(output.render(rows, fmt, list(rows[0]) if rows else []))
     else:
         for row in rows:
             amount = f" {row['amount']}" if row["amount"] else ""
-            click.echo(f"{row['account']} [{row['policy']}] equity {row['equity']}: would {row['action']}{amount}")
+            equity = row["equity"] if row["equity"] is not None else "n/a (no usable reading)"
+            click.echo(f"{row['account']} [{row['policy']}] equity {equity}: would {row['action']}{amount}")
             click.echo(f"  why: {row['reason']}")
             if row["bound_by"]:
                 click.echo(f"  binding: {row['bound_by']}")
@@ -334,8 +335,28 @@ def _filters(account: str | None, since: str | None, until: str | None, kind: st
              state: str | None, policy: str | None = None, funding: str | None = None) -> Any:
     from agent.ledger import queries
 
-    return queries.Filters(account=account, since=_moment(since, "--since"), until=_moment(until, "--until"),
-                           kind=kind, state=state, policy=policy, funding=funding)
+    start, end = _range(since, until)
+    return queries.Filters(account=account, since=start, until=end, kind=kind, state=state, policy=policy,
+                           funding=funding)
+
+
+def _existing_ledger(config: Config) -> None:
+    """Commands that work on what was recorded refuse a SQLite ledger file that does not exist (a mistyped path)
+    instead of creating an empty one and answering from it."""
+    from agent.ledger.db import sqlite_path
+
+    path = sqlite_path(config.database)
+    if path is not None and not path.exists():
+        raise Failure(f"no ledger at {path}: nothing has been recorded there (check `database:` in the config)")
+
+
+def _range(since: str | None, until: str | None) -> tuple[Any, Any]:
+    """--since/--until as UTC datetimes; a range that ends before it starts is a usage error, not an empty (or,
+    for a comparison, falsely agreeing) answer."""
+    start, end = _moment(since, "--since"), _moment(until, "--until")
+    if start is not None and end is not None and end <= start:
+        raise click.UsageError(f"--until ({until}) must be later than --since ({since})")
+    return start, end
 
 
 def _moment(text: str | None, option: str) -> Any:
@@ -393,15 +414,15 @@ def ledger(ctx: click.Context, account: str | None, since: str | None, until: st
     period = ["period"] if by else []
     if totals:
         records = _read(ctx, lambda s: questions.transfer_totals(s, filters, by))
-        click.echo(output.render(records, fmt, [*period, "account", "kind", "currency", "state", "count", "amount"]))
+        output.echo(output.render(records, fmt, [*period, "account", "kind", "currency", "state", "count", "amount"]))
         return
     if net:
         records = _read(ctx, lambda s: questions.net_flow(s, filters, by))
-        click.echo(output.render(records, fmt, [*period, "scope", "login", "currency", "top_up", "sweep", "net",
+        output.echo(output.render(records, fmt, [*period, "scope", "login", "currency", "top_up", "sweep", "net",
                                                 "top_up_count", "sweep_count"]))
         return
     records = _read(ctx, lambda s: [queries.transfer_record(t) for t in queries.list_transfers(s, filters)])
-    click.echo(output.render(records, fmt, LEDGER_COLUMNS))
+    output.echo(output.render(records, fmt, LEDGER_COLUMNS, fields=queries.TRANSFER_FIELDS))
 
 
 @cli.command()
@@ -421,11 +442,11 @@ def decisions(ctx: click.Context, account: str | None, since: str | None, until:
     filters = _filters(account, since, until, kind, state, policy, funding)
     if totals:
         records = _read(ctx, lambda s: questions.decision_totals(s, filters, by))
-        click.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "policy", "action",
+        output.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "policy", "action",
                                                 "count"]))
         return
     records = _read(ctx, lambda s: [queries.decision_record(d) for d in queries.list_decisions(s, filters)])
-    click.echo(output.render(records, fmt, DECISION_COLUMNS))
+    output.echo(output.render(records, fmt, DECISION_COLUMNS, fields=queries.DECISION_FIELDS))
 
 
 def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:
@@ -461,7 +482,7 @@ def status(ctx: click.Context, fmt: str, probe: bool) -> None:
     if fmt == "table":
         click.echo(render_text(rows))
     else:
-        click.echo(output.render(rows, fmt, list(rows[0]) if rows else []))
+        output.echo(output.render(rows, fmt, list(rows[0]) if rows else []))
     if probe:
         reasons = [f"{row['account']}: {why}" for row in rows for why in row["problems"]]
         for reason in reasons:
@@ -545,6 +566,12 @@ def reconcile(ctx: click.Context, lookback: Any) -> None:
     from agent.wiring import make_broker, make_reconciler, take_ledger
 
     config = _config(ctx)
+    from agent.ledger.db import sqlite_path
+
+    path = sqlite_path(config.database)
+    if path is not None and not path.exists():  # a mistyped path must not create an empty ledger
+        click.echo(f"nothing to reconcile: no ledger at {path} yet")
+        return
     broker = make_broker(config, transfers=False)
     # Beside a running agent this goes on without the lock: that agent's in-flight transfers are left to it.
     access = take_ledger(config, "reconcile", required=False)
@@ -593,12 +620,15 @@ def _unlinked_moves(ledger_: Any, broker: Any, since: Any, until: Any) -> list[s
                 if len(page) < 999:
                     break
                 offset += len(page)
+            known = session.get(FundingAccount, funding)
+            currency = known.currency if known is not None else None
             for row in unlinked_statement_rows(session, rows, broker.app_id):
                 if any(matches(row, t, broker.app_id) for t in open_rows):
                     continue  # still being settled: the verdicts above say how
                 other = (row.get("to") or {}).get("loginid") if (row.get("from") or {}).get("loginid") == funding \
                     else (row.get("from") or {}).get("loginid")
-                lines.append(f"not in ledger: txn {row['transaction_id']} amount {signed(row)} account {other} "
+                amount = signed(row, currency)
+                lines.append(f"not in ledger: txn {row['transaction_id']} amount {amount} account {other} "
                              f"(funding {funding}): money moved that no ledger row records")
     return lines
 
@@ -632,6 +662,7 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
     if failed and not reason:
         raise click.UsageError("--failed needs --reason TEXT")
     config = _config(ctx)
+    _existing_ledger(config)
     access = take_ledger(config, "resolve", required=False)
     try:
         ledger_ = Ledger.open(config.database, password_env=config.database_password_env)
@@ -649,6 +680,9 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
                 raise Failure(f"transfer {transfer_id} is {transfer.state}: only sent or unknown transfers are "
                               "resolved by hand")
             state = transfer.state
+            # the broker's own code stays (CONTRACT: error_code is the broker's code verbatim); the operator's
+            # reason joins the message and the event
+            broker_code, broker_message = transfer.error_code, transfer.error_message
             live = live_owner_check(config, ledger_, access)(transfer.owner) if state == "sent" else None
         if live is not None:
             raise Failure(f"transfer {transfer_id} is sent and in flight in {live}: its reply settles it; "
@@ -661,7 +695,9 @@ def resolve(ctx: click.Context, transfer_id: int, txn_id: int | None, failed: bo
         try:
             if failed:
                 done = settle(ledger_, transfer_id, "failed", now, who, expected="unknown", resolved_by=who,
-                              detail=reason, error_code="ResolvedFailed", error_message=reason)
+                              detail=reason, error_code=broker_code or "ResolvedFailed",
+                              error_message=(f"{broker_message}; " if broker_message else "")
+                              + f"resolved failed by {who}: {reason}")
             else:
                 done = settle(ledger_, transfer_id, "confirmed", now, who, expected="unknown", resolved_by=who,
                               broker_txn_id=txn_id, detail=reason or f"operator confirmed broker txn {txn_id}")
@@ -693,12 +729,12 @@ def halts(ctx: click.Context, account: str | None, since: str | None, until: str
     filters = _filters(account, since, until, kind, None, policy, funding)
     if totals:
         records = _read(ctx, lambda s: questions.halt_totals(s, filters, by, active_only=not show_all))
-        click.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "kind", "count", "active"]))
+        output.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "kind", "count", "active"]))
         return
     records = _read(ctx, lambda s: [queries.halt_record(h)
                                     for h in queries.list_halts(s, filters, active_only=not show_all)])
-    click.echo(output.render(records, fmt, ["id", "account", "kind", "scope", "created_at", "created_by",
-                                            "cleared_at", "reason"]))
+    output.echo(output.render(records, fmt, ["id", "account", "kind", "scope", "created_at", "created_by",
+                                            "cleared_at", "reason"], fields=queries.HALT_FIELDS))
 
 
 # ---- db ----

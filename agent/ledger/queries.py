@@ -54,6 +54,13 @@ def transfer_record(t: Transfer) -> dict[str, Any]:
     }
 
 
+TRANSFER_FIELDS = ["id", "created_at", "account", "funding", "kind", "amount", "currency", "state", "broker_txn_id",
+                   "policy", "policy_sha256", "equity", "reason", "error_code", "error_message", "updated_at",
+                   "sent_at", "resolved_by"]
+DECISION_FIELDS = ["id", "at", "account", "policy", "policy_sha256", "action", "amount", "currency", "equity",
+                   "equity_age_s", "reason", "bound_by", "transfer_id", "details"]
+
+
 def decision_record(d: DecisionRow) -> dict[str, Any]:
     return {
         "id": d.id, "at": iso(d.at), "account": d.account, "policy": d.policy,
@@ -283,6 +290,9 @@ def list_halts(session: Session, filters: Filters, active_only: bool = False) ->
     if active_only:
         query = query.where(Halt.cleared_at.is_(None))
     return list(session.scalars(query))
+
+
+HALT_FIELDS = ["id", "account", "kind", "scope", "reason", "created_at", "created_by", "cleared_at", "cleared_by"]
 
 
 def halt_record(h: Halt) -> dict[str, Any]:
