@@ -123,8 +123,7 @@ class Service:
         reconciler = make_reconciler(self.config, self.ledger, broker, self.clock,
                                      LedgerAccess(owner=self.owner), leases=self.leases)
         self.engine = Engine(self.ledger, broker, source, self.clock, on_outcome=self._note,
-                             reconciler=reconciler, leases=self.leases,
-                             lease_margin=self.config.broker.timeout + 1.0)
+                             reconciler=reconciler, leases=self.leases)
         try:
             broker.connect()
             if self.leases is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
@@ -93,3 +94,19 @@ class Broker(Protocol):
     def mt5_get_settings(self, login: str) -> dict[str, Any]:
         """Holds at least login, balance and currency of an MT5 account."""
         ...
+
+
+STATEMENT_PAGE = 999  # Deriv's cap on a statement request's `limit`
+
+
+def statement_all(broker: Broker, date_from: datetime, date_to: datetime, loginid: str) -> list[dict[str, Any]]:
+    """Every transfer row of `loginid`'s statement in [date_from, date_to], newest first, read page by page."""
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        page = broker.statement(int(date_from.timestamp()), int(date_to.timestamp()), limit=STATEMENT_PAGE,
+                                offset=offset, loginid=loginid)
+        rows.extend(page)
+        if len(page) < STATEMENT_PAGE:
+            return rows
+        offset += len(page)

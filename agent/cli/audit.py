@@ -13,7 +13,6 @@ from agent.cli.commands import EXIT_FAIL, Failure, _config, _existing_ledger, _r
 
 MIN_PRUNE_AGE = timedelta(days=1)
 
-STATEMENT_PAGE = 999  # Deriv's cap on `limit`
 EDGE = timedelta(minutes=5)  # the broker's clock and ours may differ a little at the range's edges
 
 
@@ -68,24 +67,13 @@ def verify(ctx: click.Context, print_head: bool, show_all: bool, against_broker:
         ctx.exit(EXIT_FAIL)
 
 
-def statement_rows(broker: Any, funding: str, since: datetime, until: datetime) -> list[dict[str, Any]]:
-    """Every transfer row of `funding`'s statement in the range, paged (limit 999, offset)."""
-    rows: list[dict[str, Any]] = []
-    offset = 0
-    while True:
-        page = broker.statement(int(since.timestamp()), int(until.timestamp()), limit=STATEMENT_PAGE,
-                                offset=offset, loginid=funding)
-        rows.extend(page)
-        if len(page) < STATEMENT_PAGE:
-            return rows
-        offset += len(page)
-
-
 def _against_broker(ctx: click.Context, since: datetime, until: datetime) -> int:
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
     from agent.audit.verify import missing_at_broker, signed, unlinked_statement_rows
-    from agent.ledger.models import FundingAccount, Transfer
+    from agent.broker.base import statement_all
+    from agent.ledger import queries
+    from agent.ledger.models import Transfer
     from agent.timeutil import iso
     from agent.wiring import make_broker
 
@@ -96,14 +84,11 @@ def _against_broker(ctx: click.Context, since: datetime, until: datetime) -> int
     try:
         broker.connect()
         with ledger.reader() as session:
-            currencies = {login: currency for login, currency in session.execute(
-                select(Transfer.funding, func.min(Transfer.currency)).group_by(Transfer.funding))}
-            currencies.update({login: currency for login, currency in session.execute(
-                select(FundingAccount.login, FundingAccount.currency))})
+            currencies = queries.funding_currencies(session)
             for policy in _policies_in_force(config):  # a funding account the ledger has not used yet
                 currencies.setdefault(policy.funding, policy.currency)
             for funding in sorted(currencies):
-                rows = statement_rows(broker, funding, since - EDGE, until + EDGE)
+                rows = statement_all(broker, since - EDGE, until + EDGE, funding)
                 in_range = [r for r in rows if since.timestamp() <= int(r.get("transaction_time") or 0)
                             < until.timestamp()]
                 for row in sorted(unlinked_statement_rows(session, in_range, broker.app_id),
@@ -119,9 +104,7 @@ def _against_broker(ctx: click.Context, since: datetime, until: datetime) -> int
                                            Transfer.created_at >= since, Transfer.created_at < until)
                     .order_by(Transfer.id)))
                 for t, why in missing_at_broker(confirmed, rows, broker.app_id):
-                    from agent.ledger.queries import amount_of
-
-                    lines.append(f"not at broker: transfer {t.id} {t.kind} {amount_of(t)} {t.currency} "
+                    lines.append(f"not at broker: transfer {t.id} {t.kind} {queries.amount_of(t)} {t.currency} "
                                  f"{t.account} ({t.funding}): {why}")
     finally:
         broker.close()

@@ -229,8 +229,7 @@ def run(ctx: click.Context, once: bool) -> None:
         for account in accounts:
             for verdict in reconciler.run(account):
                 click.echo(f"reconcile: {verdict}")
-        engine = Engine(ledger, broker, source, clock, reconciler=reconciler, leases=leases,
-                        lease_margin=config.broker.timeout + 1.0)
+        engine = Engine(ledger, broker, source, clock, reconciler=reconciler, leases=leases)
         for policy in policies:
             if leases is not None and leases.time_left() < engine.lease_margin + leases.renew_every:
                 leases.sync((p.mt5 for p in policies), greedy=True)  # a long pass renews what it holds
@@ -601,27 +600,16 @@ def _unlinked_moves(ledger_: Any, broker: Any, since: Any, until: Any) -> list[s
     """The reverse check: transfers with our app_id in the funding accounts' statements that no ledger row
     links (money moved that the ledger does not know), leaving out those an unresolved row may be."""
     from agent.audit.verify import signed, unlinked_statement_rows
+    from agent.broker.base import statement_all
     from agent.engine.reconcile import matches
     from agent.ledger import queries
-    from agent.ledger.models import FundingAccount, Transfer
 
     with ledger_.reader() as session:
-        fundings = sorted(set(session.scalars(select_distinct(Transfer.funding)))
-                          | set(session.scalars(select_distinct(FundingAccount.login))))
+        currencies = queries.funding_currencies(session)
         open_rows = queries.unresolved(session)
         lines = []
-        for funding in fundings:
-            rows: list[dict[str, Any]] = []
-            offset = 0
-            while True:
-                page = broker.statement(int(since.timestamp()), int(until.timestamp()), limit=999, offset=offset,
-                                        loginid=funding)
-                rows.extend(page)
-                if len(page) < 999:
-                    break
-                offset += len(page)
-            known = session.get(FundingAccount, funding)
-            currency = known.currency if known is not None else None
+        for funding, currency in sorted(currencies.items()):
+            rows = statement_all(broker, since, until, funding)
             for row in unlinked_statement_rows(session, rows, broker.app_id):
                 if any(matches(row, t, broker.app_id) for t in open_rows):
                     continue  # still being settled: the verdicts above say how
@@ -631,12 +619,6 @@ def _unlinked_moves(ledger_: Any, broker: Any, since: Any, until: Any) -> list[s
                 lines.append(f"not in ledger: txn {row['transaction_id']} amount {amount} account {other} "
                              f"(funding {funding}): money moved that no ledger row records")
     return lines
-
-
-def select_distinct(column: Any) -> Any:
-    from sqlalchemy import select
-
-    return select(column).distinct()
 
 
 @cli.command()

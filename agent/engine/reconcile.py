@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agent import money
-from agent.broker.base import Broker
+from agent.broker.base import Broker, statement_all
 from agent.broker.errors import BrokerError
 from agent.engine.transfers import Fence, StateError, in_flight_here, settle
 from agent.equity.base import login_digits
@@ -193,15 +193,7 @@ class Reconciler:
     def _candidates(self, t: Transfer, now: datetime) -> list[dict[str, Any]]:
         start = (t.sent_at or t.created_at) - LOOK_BEFORE
         end = now + LOOK_AFTER
-        rows: list[dict[str, Any]] = []
-        offset = 0
-        while True:
-            page = self.broker.statement(int(start.timestamp()), int(end.timestamp()), limit=999, offset=offset,
-                                         loginid=t.funding)
-            rows.extend(page)
-            if len(page) < 999:
-                break
-            offset += len(page)
+        rows = statement_all(self.broker, start, end, t.funding)
         found = [r for r in rows if matches(r, t, self.broker.app_id)]
         if not found:
             return []

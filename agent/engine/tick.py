@@ -91,7 +91,8 @@ class Engine:
     def __init__(self, ledger: Ledger | None, broker: Broker | None, source: EquitySource, clock: Clock,
                  on_outcome: Callable[[TickOutcome], None] | None = None,
                  reconciler: Reconciler | None = None, owner: str | None = None,
-                 lanes: Lanes | None = None, leases: Leases | None = None, lease_margin: float = 20.0) -> None:
+                 lanes: Lanes | None = None, leases: Leases | None = None,
+                 lease_margin: float | None = None) -> None:
         self.reconciler = reconciler
         self.owner = owner or (reconciler.owner if reconciler is not None else None)
         self.lanes = lanes or Lanes()
@@ -104,7 +105,7 @@ class Engine:
         # Several hosts on one ledger: act on an account only while holding its lease with at least
         # `lease_margin` seconds left (more than a transfer can take), and fence every money write.
         self.leases = leases
-        self.lease_margin = lease_margin
+        self.lease_margin = lease_margin if lease_margin is not None else leases_send_margin(self)
         self.fence = leases.check if leases is not None else None
 
     # ---- broker facts ----

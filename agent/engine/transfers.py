@@ -25,6 +25,7 @@ from agent.broker.base import Broker, send_guard
 from agent.broker.errors import BrokerError
 from agent.crash import crash_point
 from agent.ledger.db import Ledger
+from agent.ledger.leases import Fenced
 from agent.ledger.models import EquityPeak, FundingAccount, Halt, Transfer
 from agent.ledger.queries import add_event
 from agent.timeutil import Clock
@@ -218,10 +219,9 @@ def execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock, *,
 def _execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock, fence: Fence | None) -> Transfer:
     try:
         settle(ledger, transfer.id, "sent", clock.now(), "agent", expected="pending", fence=fence)
-    except Exception as exc:
-        if not isinstance(exc, StateError) and not _is_fenced(exc):
-            raise
-        # Someone settled the intent before it was sent (it cannot have moved money): never send it now.
+    except (StateError, Fenced):
+        # Someone settled the intent before it was sent, or our lease moved (it cannot have moved money): never
+        # send it now.
         with ledger.reader() as session:
             current = session.get(Transfer, transfer.id)
         assert current is not None
@@ -247,12 +247,6 @@ def _execute(ledger: Ledger, broker: Broker, transfer: Transfer, clock: Clock, f
         # The broker's id already confirms another row: something is badly wrong; never guess.
         return _record(ledger, transfer, "unknown", clock, error_code="DuplicateTxnId",
                        error_message=f"binary_transaction_id {txn} already confirms another transfer")
-
-
-def _is_fenced(exc: BaseException) -> bool:
-    from agent.ledger.leases import Fenced  # the aggregate knows leases only as a reason not to write
-
-    return isinstance(exc, Fenced)
 
 
 def _record(ledger: Ledger, transfer: Transfer, to: str, clock: Clock, **fields: Any) -> Transfer:

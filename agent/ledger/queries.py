@@ -17,6 +17,7 @@ from agent.ledger.models import (
     UNRESOLVED_STATES,
     DecisionRow,
     EquityPeak,
+    FundingAccount,
     Halt,
     Transfer,
     TransferEvent,
@@ -192,6 +193,15 @@ def unresolved_count(session: Session) -> int:
     """Unresolved transfers of every account: each may already count against the broker's daily MT5 count."""
     return int(session.execute(select(func.count(Transfer.id))
                                .where(Transfer.state.in_(UNRESOLVED_STATES))).scalar_one())
+
+
+def funding_currencies(session: Session) -> dict[str, str]:
+    """Every funding account the ledger knows (from its transfers and its funding_accounts rows) -> currency."""
+    currencies = {login: currency for login, currency in session.execute(
+        select(Transfer.funding, func.min(Transfer.currency)).group_by(Transfer.funding))}
+    currencies.update({login: currency for login, currency in session.execute(
+        select(FundingAccount.login, FundingAccount.currency))})
+    return currencies
 
 
 def funding_confirmed_since(session: Session, funding: str, since: datetime) -> Decimal:
