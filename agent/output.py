@@ -10,10 +10,9 @@ from collections.abc import Iterable, Iterator, Sized
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
+
+# rich is imported where a table or a progress bar is drawn: json, jsonl and csv output never need it (its import
+# is a noticeable part of a short command's start-up)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 # every command that prints rows takes the same --format choice, validated the same way
@@ -36,6 +35,9 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
     if not sys.stderr.isatty() or (total is not None and total < PROGRESS_FROM):
         yield from items
         return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(file=sys.stderr), transient=True) as bar:
         task = bar.add_task(description, total=total)
@@ -60,6 +62,10 @@ def render(records: list[dict[str, Any]], fmt: str, columns: list[str], title: s
         for record in progress(records, "csv"):
             writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()})
         return buffer.getvalue().rstrip("\n")
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     # Text cells: what operators typed (a halt reason, a policy name) is shown as typed, never read as rich markup
     table = Table(title=Text(title) if title else None, show_lines=False)
     for column in columns:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, bindparam, select
 from sqlalchemy.orm import Session
 
-from agent.ledger import queries
-from agent.ledger.models import DecisionRow, Transfer
+from agent import money
+from agent.ledger import journal, queries
+from agent.ledger.models import UNRESOLVED_STATES, DecisionRow, EquityPeak, Halt, Transfer
 from agent.policy.evaluate import usage_details
 from agent.policy.model import Policy
+from agent.policy.usage_book import HaltRecord, TransferRecord, UsageBook
 from agent.timeutil import iso, utcnow
 
 if TYPE_CHECKING:
@@ -48,7 +53,7 @@ def problems(row: dict[str, Any], limit: timedelta) -> list[str]:
 def status_rows(session: Session | None, policies: list[Policy], now: datetime) -> list[dict[str, Any]]:
     """account_status of every policy, with its currency, `fresh` and `problems` (what `status --check`, the
     status page and `status --format json` all show)."""
-    rows = [account_status(session, p, now) for p in policies]
+    rows = account_statuses(session, policies, now)
     leases = _lease_holders(session)
     for row, policy in zip(rows, policies, strict=True):
         row["held_by"] = leases.get(policy.mt5)
@@ -91,43 +96,138 @@ def read_status(config: Config, policies: list[Policy], now: datetime | None = N
 
 def account_status(session: Session | None, policy: Policy, now: datetime) -> dict[str, Any]:
     """`session` None: no ledger exists yet, so nothing has happened on the account."""
+    return account_statuses(session, [policy], now)[0]
+
+
+def account_statuses(session: Session | None, policies: list[Policy], now: datetime) -> list[dict[str, Any]]:
+    """account_status of each policy, read for all of them at once: a few set-based queries and two indexed
+    lookups per account instead of ~8 ORM queries per account (1,000 accounts took seconds)."""
     if session is None:
-        return {"account": policy.mt5, "policy": policy.name, "policy_sha256": policy.sha256,
-                "policy_file": policy.path, "last_equity": None, "last_equity_age_s": None,
-                "last_evaluation_at": None, "last_decision": None,
-                "windows": usage_details(policy, queries.Usage(), now), "halted": False, "halts": [],
-                "unresolved": [], "last_error": None}
-    # Newest first by (at, id): the (account, at) index answers it from its end, instead of sorting the account's
-    # whole decision history (5,000 rows an account made `status` take a minute at 1,000 accounts).
-    newest = (DecisionRow.at.desc(), DecisionRow.id.desc())
-    last = session.scalars(select(DecisionRow).where(DecisionRow.account == policy.mt5)
-                           .order_by(*newest).limit(1)).first()
-    with_equity = session.scalars(select(DecisionRow).where(DecisionRow.account == policy.mt5,
-                                                            DecisionRow.equity.is_not(None))
-                                  .order_by(*newest).limit(1)).first()
-    last_failed = session.scalars(select(Transfer).where(Transfer.account == policy.mt5,
-                                                         Transfer.error_code.is_not(None))
-                                  .order_by(Transfer.id.desc()).limit(1)).first()
-    usage = queries.usage(session, policy.mt5, now)
-    halts = queries.active_halts(session, policy.mt5)
-    open_rows = queries.unresolved(session, policy.mt5)
-    age = None
-    if with_equity is not None and with_equity.equity_age_s is not None:
-        age = int((now - with_equity.at).total_seconds()) + with_equity.equity_age_s
+        return [_status(policy, _Ledgered(), now) for policy in policies]
+    found = _read_accounts(session, [policy.mt5 for policy in policies])
+    return [_status(policy, found[policy.mt5], now) for policy in policies]
+
+
+@dataclass
+class _Ledgered:
+    """What the ledger holds about one account that `status` shows (plain rows, no ORM objects)."""
+
+    last: Row[Any] | None = None  # the newest decision row (a run of evaluations, maybe)
+    with_equity: Row[Any] | None = None  # the newest one with an equity
+    book: UsageBook | None = None  # None: no ledger
+    halts: list[Row[Any]] = field(default_factory=list)  # active ones, oldest first
+    unresolved: list[Row[Any]] = field(default_factory=list)  # oldest first
+    last_failed: Row[Any] | None = None  # the newest transfer with an error code
+
+
+_CHUNK = 500  # accounts (or ids) per IN list: within SQLite's smallest bound-parameter limit (999)
+_NEWEST = (DecisionRow.at.desc(), DecisionRow.id.desc())
+# Newest first by (at, id): the (account, at) index answers it from its end, instead of sorting the account's
+# whole decision history. Every column, as a plain row: decision_record and the journal read them by name.
+_LAST = (select(*DecisionRow.__table__.c).where(DecisionRow.account == bindparam("account"))
+         .order_by(*_NEWEST).limit(1))
+_LAST_WITH_EQUITY = (select(*DecisionRow.__table__.c)
+                     .where(DecisionRow.account == bindparam("account"), DecisionRow.equity.is_not(None))
+                     .order_by(*_NEWEST).limit(1))
+
+
+def _chunks(items: list[Any]) -> Iterator[list[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
+
+
+def _read_accounts(session: Session, accounts: list[str]) -> dict[str, _Ledgered]:
+    """One snapshot's view of every account in `accounts`. The usage books are built exactly as
+    queries.load_book builds one (same rows, same order), from one query per table instead of three per
+    account."""
+    # Core on the session's connection (its transaction, its snapshot): a Session.execute costs ~3x as much
+    conn = session.connection()
+    wanted = list(dict.fromkeys(accounts))
+    found = {account: _Ledgered() for account in wanted}
+    transfers: dict[str, list[Row[Any]]] = {account: [] for account in wanted}
+    halts: dict[str, list[Row[Any]]] = {account: [] for account in wanted}
+    peaks: dict[str, Decimal] = {}
+    for chunk in _chunks(wanted):
+        for row in conn.execute(
+                select(Transfer.account, Transfer.id, Transfer.kind, Transfer.state, Transfer.amount_minor,
+                       Transfer.currency, Transfer.created_at, Transfer.updated_at, Transfer.error_code)
+                .where(Transfer.account.in_(chunk)).order_by(Transfer.id)):
+            transfers[row.account].append(row)
+        # active halts, and cleared kill-switch halts (the kill switch counts from the last resume)
+        for row in conn.execute(
+                select(Halt.account, Halt.id, Halt.kind, Halt.scope, Halt.reason, Halt.created_at, Halt.cleared_at,
+                       Halt.created_by)
+                .where(Halt.account.in_(chunk), Halt.cleared_at.is_(None) | (Halt.kind == "kill_switch"))
+                .order_by(Halt.id)):
+            halts[row.account].append(row)
+        peaks.update((account, Decimal(peak)) for account, peak in conn.execute(
+            select(EquityPeak.account, EquityPeak.peak).where(EquityPeak.account.in_(chunk))))
+    shown: list[int] = []  # the transfers shown whole: unresolved ones and each account's last failure
+    for account, rows in transfers.items():
+        book = UsageBook(rows[0].currency if rows else "USD")
+        failed = None
+        for row in rows:
+            book.add_transfer(TransferRecord(row.id, row.kind, row.state,
+                                             money.from_minor(row.amount_minor, row.currency), row.created_at,
+                                             row.updated_at, row.error_code))
+            if row.state in UNRESOLVED_STATES:
+                shown.append(row.id)
+            if row.error_code is not None:
+                failed = row.id
+        if failed is not None:
+            shown.append(failed)
+        for halt in halts[account]:
+            book.add_halt(HaltRecord(halt.id, halt.kind, halt.scope, halt.reason, halt.created_at, halt.cleared_at))
+        book.peak = peaks.get(account)
+        found[account].book = book
+        found[account].halts = [halt for halt in halts[account] if halt.cleared_at is None]
+    whole: dict[int, Row[Any]] = {}
+    for chunk in _chunks(sorted(set(shown))):
+        whole.update((row.id, row) for row in conn.execute(select(*Transfer.__table__.c)
+                                                            .where(Transfer.id.in_(chunk))))
+    for account, rows in transfers.items():
+        found[account].unresolved = [whole[row.id] for row in rows if row.state in UNRESOLVED_STATES]
+        failed_ids = [row.id for row in rows if row.error_code is not None]
+        found[account].last_failed = whole[failed_ids[-1]] if failed_ids else None
+    for account in wanted:
+        last = conn.execute(_LAST, {"account": account}).first()
+        found[account].last = last
+        # the newest row has an equity (most do): it is also the newest with one
+        found[account].with_equity = (last if last is None or last.equity is not None
+                                      else conn.execute(_LAST_WITH_EQUITY, {"account": account}).first())
+    return found
+
+
+def _status(policy: Policy, ledgered: _Ledgered, now: datetime) -> dict[str, Any]:
+    last, with_equity, last_failed = ledgered.last, ledgered.with_equity, ledgered.last_failed
+    # a row is a run of evaluations (agent/ledger/journal.py): its newest one is what `status` shows
+    last_at = last.run_last_at or last.at if last is not None else None
+    last_decision = None
+    if last is not None:
+        shown = (journal.last(queries.decision_record(last), last.at, last.run_evals)
+                 if last.run_count > 1 else {"action": last.action, "reason": last.reason})
+        last_decision = f"{shown['action']}: {shown['reason']}"
+    age = last_equity = None
+    if with_equity is not None:
+        equity_at, last_equity, equity_age = journal.last_reading(with_equity.at, with_equity.equity,
+                                                                  with_equity.equity_age_s, with_equity.run_evals)
+        if equity_age is not None:
+            age = int((now - equity_at).total_seconds()) + equity_age
+    usage = ledgered.book.usage(now) if ledgered.book is not None else queries.Usage()
     return {
         "account": policy.mt5,
         "policy": policy.name,
         "policy_sha256": policy.sha256,
         "policy_file": policy.path,
-        "last_equity": with_equity.equity if with_equity else None,
+        "last_equity": last_equity,
         "last_equity_age_s": age,
-        "last_evaluation_at": iso(last.at) if last else None,
-        "last_decision": f"{last.action}: {last.reason}" if last else None,
+        "last_evaluation_at": iso(last_at) if last_at else None,
+        "last_decision": last_decision,
         "windows": usage_details(policy, usage, now),
-        "halted": bool(halts),
+        "halted": bool(ledgered.halts),
         "halts": [{"id": h.id, "kind": h.kind, "scope": h.scope, "reason": h.reason, "since": iso(h.created_at),
-                   "by": h.created_by} for h in halts],
-        "unresolved": [queries.transfer_record(t) for t in open_rows],
+                   "by": h.created_by} for h in ledgered.halts],
+        "unresolved": [queries.transfer_record(t) for t in ledgered.unresolved],
         "last_error": (f"transfer {last_failed.id}: {last_failed.error_code}: {last_failed.error_message}"
                        if last_failed else None),
     }

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from agent.ledger import queries
+from agent.ledger import journal, queries
 from agent.ledger.models import DecisionRow, Transfer
 from agent.status import status_rows
 from agent.timeutil import iso, utcnow
@@ -45,10 +45,10 @@ def page_data(session: Session | None, policies: list[Policy], now: datetime) ->
         row["series"], row["transfers_24h"] = [], []
         if session is None:
             continue
-        readings = session.execute(
-            select(DecisionRow.at, DecisionRow.equity)
+        readings = [(at, equity) for runs in session.execute(
+            select(DecisionRow.at, DecisionRow.equity, DecisionRow.equity_age_s, DecisionRow.run_evals)
             .where(DecisionRow.account == row["account"], DecisionRow.equity.is_not(None), DecisionRow.at >= since)
-            .order_by(DecisionRow.at)).all()
+            .order_by(DecisionRow.at)) for at, equity, _age in journal.readings(*runs)]  # each run expanded
         step = max(1, len(readings) // SERIES_MAX)
         for at, equity in readings[::step]:
             try:

@@ -169,8 +169,8 @@ def _evaluations(db: Path) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(decisions)")}
-            if "count" in columns:
-                return int(conn.execute("SELECT coalesce(sum(count), 0) FROM decisions").fetchone()[0])
+            if "run_count" in columns:
+                return int(conn.execute("SELECT coalesce(sum(run_count), 0) FROM decisions").fetchone()[0])
             return int(conn.execute("SELECT count(*) FROM decisions").fetchone()[0])
     except sqlite3.Error:
         return 0

@@ -95,7 +95,7 @@ def main(evaluations: int = 2000, heap: bool = False) -> None:
     rss1 = rss_mib()
     with ledger.session() as session:
         rows = queries.list_transfers(session, queries.Filters())
-        decisions = len(queries.list_decisions(session, queries.Filters()))
+        decisions = sum(row.run_count for row in queries.list_decisions(session, queries.Filters()))
     states: dict[str, int] = {}
     for t in rows:
         states[f"{t.kind}/{t.state}"] = states.get(f"{t.kind}/{t.state}", 0) + 1

@@ -57,6 +57,7 @@ class Machine(RuleBasedStateMachine):
         self.broker = DerivClient(self.fake.url, 1089, TOKEN, timeout=2)
         self.source = FixedSource(self.clock)
         self.policy = VARIANTS[0]
+        self.evaluations = 0
         self.restart()
 
     def restart(self) -> None:
@@ -79,6 +80,7 @@ class Machine(RuleBasedStateMachine):
     def move_equity_and_tick(self, equity: int) -> None:
         self.source.equity = Decimal(equity)
         self.engine.tick(self.policy)
+        self.evaluations += 1
 
     @rule(minutes=st.sampled_from([1, 3, 10, 31, 61, 240, 1440]))
     def advance(self, minutes: int) -> None:
@@ -87,6 +89,7 @@ class Machine(RuleBasedStateMachine):
     @rule()
     def tick(self) -> None:
         self.engine.tick(self.policy)
+        self.evaluations += 1
 
     @rule(fault=st.sampled_from(FAULTS))
     def inject(self, fault: Fault) -> None:
@@ -173,6 +176,24 @@ class Machine(RuleBasedStateMachine):
     @invariant()
     def reserve_holds(self) -> None:
         assert self.fake.balance_of(FUNDING) >= RESERVE
+
+    @invariant()
+    def summary_equals_a_fresh_read(self) -> None:
+        """The engine's in-memory summary (kept while the account's change counter has not moved) is what a fresh
+        read of the ledger gives, after every step."""
+        now = self.clock.now()
+        with self.ledger.reader() as session:
+            held = self.engine.summaries.book(session, MT5)
+            assert held.usage(now) == queries.usage(session, MT5, now)
+            assert held.peak == queries.peak_equity(session, MT5)
+
+    @invariant()
+    def every_evaluation_is_in_the_journal(self) -> None:
+        """Runs of repeated no-op evaluations are one row each, but every evaluation is there, once."""
+        with self.ledger.reader() as session:
+            rows = queries.list_decisions(session, queries.Filters())
+            records = queries.decision_records(rows, queries.Filters())
+        assert len(records) == sum(row.run_count for row in rows) == self.evaluations
 
 
 TestTransfers = Machine.TestCase

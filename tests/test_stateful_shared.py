@@ -259,6 +259,17 @@ class SharedFunding(RuleBasedStateMachine):
                             assert window.amount is None or amount <= window.amount, (login, kind, name)
 
     @invariant()
+    def summaries_equal_a_fresh_read(self) -> None:
+        """Each account's in-memory summary in the engine (re-read only when the account's change counter moved:
+        reconcile, another owner, an operator) is what a fresh read of the ledger gives, after every step."""
+        now = self.clock.now()
+        with self.ledger.reader() as session:
+            for login in ACCOUNTS:
+                held = self.engine.summaries.book(session, login)
+                assert held.usage(now) == queries.usage(session, login, now), login
+                assert held.peak == queries.peak_equity(session, login), login
+
+    @invariant()
     def ledger_matches_statement_when_settled(self) -> None:
         rows = self.rows()
         if any(t.state in ("pending", "sent", "unknown") for t in rows) or self.broker.in_flight():

@@ -93,6 +93,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("decisions", "append", ("id", "at", "account", "policy", "policy_sha256", "action", "amount", "currency",
                                  "equity", "equity_age_s", "reason", "bound_by", "details", "transfer_id")),
     Kind("audit_checkpoints", "create", ("id", "at", "journal_seq", "journal_hash", "pruned_count", "cutoff")),
+    # a run of no-op evaluations as it ended (agent/ledger/journal.py): its later evaluations, the entries as hex
+    Kind("decisions", "run", ("id", "run_count", "run_last_at", "run_evals")),
 )
 BY_NAME = {(k.source, k.action): k for k in KINDS}
 FIELDS = {(k.source, k.action): k.fields for k in KINDS}
@@ -109,6 +111,8 @@ def encode_value(value: Any) -> str | None:
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     if isinstance(value, Decimal):
         return format(value, "f")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
     if isinstance(value, float):  # no column of the chained tables holds one: refuse rather than guess a text
         raise TypeError("a float in a chained row")
     return str(value)
@@ -179,6 +183,9 @@ def select_rows(kind: Kind, dialect: str = "sqlite") -> Select[Any]:
     if kind.source == "halts":
         return (select(Halt.id, t_(Halt.cleared_at), Halt.cleared_by).where(Halt.cleared_at.is_not(None))
                 .order_by(Halt.id))
+    if kind.source == "decisions" and kind.action == "run":
+        d = DecisionRow
+        return select(d.id, d.run_count, t_(d.run_last_at), d.run_evals).where(d.run_sealed.is_(True)).order_by(d.id)
     if kind.source == "decisions":
         d = DecisionRow
         return select(d.id, t_(d.at), d.account, d.policy, d.policy_sha256, d.action, d.amount, d.currency, d.equity,
@@ -202,7 +209,7 @@ def encode_row(kind: Kind, row: Sequence[Any]) -> tuple[str, str]:
         return chain, encode_state(values[0], values[1:])
     elif kind.source == "transfer_events":
         values[6] = values[6] if values[3] == "confirmed" else None
-    elif kind.source == "decisions" and values[5] == "none":
+    elif kind.source == "decisions" and (kind.action == "run" or values[5] == "none"):
         chain = "journal"
     return chain, content_hash(kind.source, kind.action, values)
 
@@ -310,6 +317,7 @@ _NEW = {Transfer: BY_NAME[("transfers", "create")], TransferEvent: BY_NAME[("tra
         AuditCheckpoint: BY_NAME[("audit_checkpoints", "create")]}
 _ORDER = {kind: index for index, kind in enumerate(KINDS)}
 CLEAR = BY_NAME[("halts", "clear")]
+RUN = BY_NAME[("decisions", "run")]
 STATE = BY_NAME[("transfer_events", "state")]
 
 
@@ -354,3 +362,9 @@ def _after_flush(session: Session, _context: Any) -> None:
     if not _has_chain(conn):
         return
     append_rows(conn, entries, datetime.now(UTC))
+
+
+def seal(conn: Connection, decision_id: int, at: datetime) -> None:
+    """Chain a run that ended (its row already marked sealed in this transaction)."""
+    if _has_chain(conn):
+        append_rows(conn, [(RUN, decision_id)], at)

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Connection, delete, func, select
+from sqlalchemy.orm import aliased
 
 from agent.audit import chain as chainmod
 from agent.ledger.db import Ledger, describe, sqlite_path
@@ -58,13 +59,24 @@ def prune(ledger: Ledger, cutoff: datetime, now: datetime) -> tuple[int, datetim
         conn = session.connection()
         chainmod.lock_heads(conn)  # the journal's head must not move while its prefix is cut
         journal = AuditChainEntry.chain == "journal"
+        # a run (agent/ledger/journal.py) is kept while its last evaluation is at or after the cutoff
         first_kept = conn.execute(
             select(func.min(AuditChainEntry.seq)).join(DecisionRow, DecisionRow.id == AuditChainEntry.row_id)
-            .where(journal, AuditChainEntry.source == "decisions", DecisionRow.at >= cutoff)).scalar_one()
-        last_query = select(func.max(AuditChainEntry.seq)).where(journal)
-        if first_kept is not None:
-            last_query = last_query.where(AuditChainEntry.seq < first_kept)
-        last = conn.execute(last_query).scalar_one()
+            .where(journal, AuditChainEntry.source == "decisions",
+                   func.coalesce(DecisionRow.run_last_at, DecisionRow.at) >= cutoff)).scalar_one()
+        last = _last_before(conn, first_kept)
+        # a run chained when it ended (its `run` link) may end after the cut while its first link is before it:
+        # the cut moves before that first link, so that no row keeps one link and loses the other
+        while last is not None:
+            first, run = aliased(AuditChainEntry), aliased(AuditChainEntry)
+            split = conn.execute(
+                select(func.min(first.seq)).join(run, run.row_id == first.row_id)
+                .where(first.chain == "journal", first.source == "decisions", first.action == "append",
+                       run.source == "decisions", run.action == "run", first.seq <= last, run.seq > last)
+            ).scalar_one()
+            if split is None:
+                break
+            last = _last_before(conn, int(split))
         if last is None:
             return 0, cutoff
         last_hash = conn.execute(select(AuditChainEntry.hash).where(AuditChainEntry.seq == last)).scalar_one()
@@ -82,27 +94,37 @@ def prune(ledger: Ledger, cutoff: datetime, now: datetime) -> tuple[int, datetim
     return count, cutoff
 
 
+def _last_before(conn: Connection, seq: int | None) -> int | None:
+    """The newest journal link before `seq` (None: before none)."""
+    query = select(func.max(AuditChainEntry.seq)).where(AuditChainEntry.chain == "journal")
+    if seq is not None:
+        query = query.where(AuditChainEntry.seq < seq)
+    found = conn.execute(query).scalar_one()
+    return int(found) if found is not None else None
+
+
 def _check_journal(conn: Connection, last: int) -> str | None:
     """The journal links up to `last` follow each other from the previous checkpoint, and their decisions still
     encode to what was chained: the first problem, or None."""
-    kind = chainmod.BY_NAME[("decisions", "append")]
+    kinds = {action: chainmod.BY_NAME[("decisions", action)] for action in ("append", "run")}
     checkpoint = conn.execute(select(AuditCheckpoint.journal_seq, AuditCheckpoint.journal_hash)
                               .order_by(AuditCheckpoint.id.desc()).limit(1)).first()
     prev = checkpoint[1] if checkpoint else chainmod.GENESIS
     after = int(checkpoint[0]) if checkpoint else 0
     while True:
         links = conn.execute(select(AuditChainEntry.seq, AuditChainEntry.row_id, AuditChainEntry.content_hash,
-                                    AuditChainEntry.prev_hash, AuditChainEntry.hash)
+                                    AuditChainEntry.prev_hash, AuditChainEntry.hash, AuditChainEntry.action)
                              .where(AuditChainEntry.chain == "journal", AuditChainEntry.seq > after,
                                     AuditChainEntry.seq <= last)
                              .order_by(AuditChainEntry.seq).limit(10_000)).all()
         if not links:
             return None
-        contents = chainmod.fetch(conn, kind, [int(link.row_id) for link in links])
-        for seq, row_id, content, prev_hash, digest in links:
+        contents = {action: chainmod.fetch(conn, kind, [int(link.row_id) for link in links if link.action == action])
+                    for action, kind in kinds.items()}
+        for seq, row_id, content, prev_hash, digest, action in links:
             if prev_hash != prev or chainmod.link(seq, prev_hash, content) != digest:
                 return f"audit_chain id {seq}: the journal chain is broken there"
-            if contents.get(row_id) != ("journal", content):
+            if contents.get(action, {}).get(row_id) != ("journal", content):
                 return f"decisions id {row_id}: differs from what was chained at seq {seq}, or is missing"
             prev = digest
         after = int(links[-1][0])

@@ -92,7 +92,8 @@ def decision_totals(session: Session, filters: Filters, by: str | None = None) -
     keys = [DecisionRow.account, DecisionRow.policy, DecisionRow.action]
     if by:
         keys.insert(0, period_of(DecisionRow.at, by, _dialect(session)).label("period"))
-    query = (select(*keys, func.count(DecisionRow.id))
+    # a row is a run of evaluations (agent/ledger/journal.py), which never crosses a UTC hour: counted by its first
+    query = (select(*keys, func.sum(DecisionRow.run_count))
              .where(*filter_conditions(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action, filters))
              .group_by(*keys).order_by(*keys))
     names = (["period"] if by else []) + ["account", "policy", "action", "count"]

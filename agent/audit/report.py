@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from agent import money
 from agent.audit import plots, questions
+from agent.ledger import journal
 from agent.ledger.models import DecisionRow, Halt, Transfer
 from agent.ledger.queries import Filters, amount_of
 from agent.policy.model import WINDOWS
@@ -63,11 +64,14 @@ def equity_points(session: Session, account: str, since: datetime, until: dateti
     where = (DecisionRow.account == account, DecisionRow.at >= since, DecisionRow.at < until,
              DecisionRow.equity.is_not(None))
     count = session.execute(select(func.count(DecisionRow.id)).where(*where)).scalar_one()
-    query = select(DecisionRow.at, DecisionRow.equity).where(*where).order_by(DecisionRow.at, DecisionRow.id)
+    query = (select(DecisionRow.at, DecisionRow.equity, DecisionRow.equity_age_s, DecisionRow.run_evals)
+             .where(*where).order_by(DecisionRow.at, DecisionRow.id))
     step = max(1, -(-int(count) // MAX_POINTS))
-    if step > 1:  # every step-th reading, chosen in SQL: a year of one-a-minute decisions is not loaded
+    if step > 1:  # every step-th row, chosen in SQL: a year of one-a-minute decisions is not loaded
         query = query.where(DecisionRow.id % step == 0)
-    return [(at, Decimal(equity)) for at, equity in session.execute(query)]
+    # each row is a run of evaluations (agent/ledger/journal.py): every one of them is a point, up to `until`
+    return [(at, Decimal(equity)) for run in session.execute(query) for at, equity, _age in journal.readings(*run)
+            if at < until and equity is not None]
 
 
 def window_usage(session: Session, policy: Any, until: datetime) -> list[dict[str, Any]]:

@@ -8,16 +8,24 @@ Problems are `table id N: what is wrong` lines. The chain pass streams each tabl
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, and_, exists, func, inspect, or_, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from agent import money
 from agent.audit import chain as chainmod
-from agent.ledger.models import AuditChainEntry, AuditCheckpoint, AuditHead, Transfer, TransferEvent
+from agent.ledger import journal
+from agent.ledger.models import (
+    AuditChainEntry,
+    AuditCheckpoint,
+    AuditHead,
+    DecisionRow,
+    Transfer,
+    TransferEvent,
+)
 
 # The transfer aggregate's transitions (agent/engine/transfers.py ALLOWED), repeated here so that the auditor's
 # check does not import the engine: a change there must be a deliberate change here.
@@ -273,6 +281,36 @@ def check_invariants(conn: Connection) -> list[Problem]:
             problems.append(Problem((SUMS, NO_LINK, int(first or 0)), "transfers", int(first or 0),
                                     f"confirmed {kind} of {account} sum to {_fmt(a, currency)} {currency}, but "
                                     f"their confirmed events to {_fmt(b, currency)}"))
+    problems.extend(check_open_runs(conn))
+    return problems
+
+
+def check_open_runs(conn: Connection) -> list[Problem]:
+    """Runs of evaluations not chained yet (agent/ledger/journal.py): only an account's newest row may be one,
+    and its entries must decode to its count and last time (a sealed run is checked by its `run` link)."""
+    problems: list[Problem] = []
+    if "run_count" not in {c["name"] for c in inspect(conn).get_columns("decisions")}:
+        return problems  # a ledger before revision 0007 has no runs
+    newer = aliased(DecisionRow)
+    open_runs = (select(DecisionRow.id, DecisionRow.at, DecisionRow.equity_age_s, DecisionRow.run_count,
+                        DecisionRow.run_last_at, DecisionRow.run_evals,
+                        exists().where(newer.account == DecisionRow.account, newer.id > DecisionRow.id))
+                 .where(DecisionRow.run_sealed.is_(False),
+                        or_(DecisionRow.run_count != 1, DecisionRow.run_evals.is_not(None),
+                            DecisionRow.run_last_at.is_not(None)))
+                 .order_by(DecisionRow.id))
+    for row_id, first_at, age, count, last_at, entries, superseded in _paged(conn, open_runs, DecisionRow.id):
+        where = Problem((ROWS, NO_LINK, int(row_id)), "decisions", int(row_id), "")
+        try:
+            evaluations = list(journal.decode(entries, first_at, age is not None))
+        except journal.JournalFormatError as exc:
+            problems.append(replace(where, what=f"its run does not decode: {exc} (edited)"))
+            continue
+        if superseded and count > 1:
+            problems.append(replace(where, what="a run that ended is not in the hash chain (edited)"))
+        elif count != len(evaluations) + 1 or (evaluations and evaluations[-1].at != last_at):
+            problems.append(replace(where, what=f"its run counts {count} evaluations but holds "
+                                                f"{len(evaluations) + 1} (edited)"))
     return problems
 
 

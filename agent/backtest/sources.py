@@ -162,6 +162,7 @@ def read_ledger(url: str, account: str, password_env: str | None = None) -> Hist
     from sqlalchemy import select
 
     from agent import money
+    from agent.ledger import journal
     from agent.ledger.db import Ledger
     from agent.ledger.models import DecisionRow, Transfer
 
@@ -172,8 +173,11 @@ def read_ledger(url: str, account: str, password_env: str | None = None) -> Hist
         with ledger.reader() as session:
             rows = session.execute(
                 select(DecisionRow.at, DecisionRow.equity, DecisionRow.equity_age_s, DecisionRow.currency,
-                       DecisionRow.bound_by, DecisionRow.policy_sha256)
+                       DecisionRow.bound_by, DecisionRow.policy_sha256, DecisionRow.run_evals)
                 .where(DecisionRow.account == account).order_by(DecisionRow.id)).all()
+            # each row is a run of evaluations (agent/ledger/journal.py): one reading per evaluation
+            rows = [(at, equity, age, cur, bound_by, sha) for first_at, first_equity, first_age, cur, bound_by, sha,
+                    entries in rows for at, equity, age in journal.readings(first_at, first_equity, first_age, entries)]
             moved = session.execute(
                 select(Transfer.updated_at, Transfer.kind, Transfer.amount_minor, Transfer.currency)
                 .where(Transfer.account == account, Transfer.state == "confirmed")

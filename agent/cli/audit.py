@@ -16,11 +16,12 @@ MIN_PRUNE_AGE = timedelta(days=1)
 EDGE = timedelta(minutes=5)  # the broker's clock and ours may differ a little at the range's edges
 
 
-def _open_readonly(ctx: click.Context) -> Any:
+def _open_readonly(ctx: click.Context, current: bool = True) -> Any:
     from agent.ledger.db import Ledger
 
     config = _config(ctx)
-    ledger = Ledger.open_readonly(config.database, password_env=config.database_password_env)
+    # `current`: refuse a ledger of an older revision (`verify` reads any, and says what an old one lacks)
+    ledger = Ledger.open_readonly(config.database, password_env=config.database_password_env, current=current)
     if ledger is None:
         raise Failure(f"no ledger at {config.database}: nothing recorded yet")
     return ledger
@@ -47,7 +48,7 @@ def verify(ctx: click.Context, print_head: bool, show_all: bool, against_broker:
     from agent.audit.verify import chain_expected, missing_tables
     from agent.audit.verify import verify as run_verify
 
-    ledger = _open_readonly(ctx)
+    ledger = _open_readonly(ctx, current=False)
     try:
         with ledger.reader() as session:
             # at revision 0004 or later a missing chain was removed: verify names it (exit 1)

@@ -429,23 +429,28 @@ def ledger(ctx: click.Context, account: str | None, since: str | None, until: st
 @click.option("--kind", type=click.Choice(["top_up", "sweep", "none", "error"]), help="the decision's action")
 @click.option("--state", type=click.Choice(["top_up", "sweep", "none", "error"]),
               help="same as --kind (decisions have an action, not a state)")
+@click.option("--runs", is_flag=True, help="One line per run of identical no-op evaluations (as the ledger keeps "
+              "them), with run_count and run_last_at, instead of one per evaluation.")
 @click.pass_context
 def decisions(ctx: click.Context, account: str | None, since: str | None, until: str | None, policy: str | None,
               funding: str | None, fmt: str, totals: bool, by: str | None, kind: str | None,
-              state: str | None) -> None:
+              state: str | None, runs: bool) -> None:
     """Every evaluation, including those that did nothing, and why."""
     from agent.audit import questions
     from agent.ledger import queries
 
     _check_by(by, totals)
+    if runs and totals:
+        raise click.UsageError("--runs and --totals do not go together")
     filters = _filters(account, since, until, kind, state, policy, funding)
     if totals:
         records = _read(ctx, lambda s: questions.decision_totals(s, filters, by))
         output.echo(output.render(records, fmt, [*(["period"] if by else []), "account", "policy", "action",
                                                 "count"]))
         return
-    records = _read(ctx, lambda s: [queries.decision_record(d) for d in queries.list_decisions(s, filters)])
-    output.echo(output.render(records, fmt, DECISION_COLUMNS, fields=queries.DECISION_FIELDS))
+    records = _read(ctx, lambda s: queries.decision_records(queries.list_decisions(s, filters), filters, runs))
+    output.echo(output.render(records, fmt, [*DECISION_COLUMNS, *(["run_count", "run_last_at"] if runs else [])],
+                              fields=queries.RUN_FIELDS if runs else queries.DECISION_FIELDS))
 
 
 def _read(ctx: click.Context, query: Any) -> list[dict[str, Any]]:

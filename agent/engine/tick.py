@@ -107,6 +107,10 @@ class Engine:
         self.leases = leases
         self.lease_margin = lease_margin if lease_margin is not None else leases_send_margin(self)
         self.fence = leases.check if leases is not None else None
+        # The ledger as this engine last read it: each account's summary (re-read only when its change counter
+        # moved) and its newest decision row (which a repeated no-op evaluation joins).
+        self.summaries = queries.Summaries()
+        self.runs: dict[str, queries.OpenRun | None] = {}
 
     # ---- broker facts ----
 
@@ -195,7 +199,8 @@ class Engine:
                 try:
                     with self.ledger.session() as session:
                         queries.record_decision(session, self.clock.now(), policy.mt5, policy.name, policy.sha256,
-                                                decision, policy.currency, None, None, action="error")
+                                                decision, policy.currency, None, None, action="error",
+                                                runs=self.runs)
                         session.commit()
                 except Exception as journal_error:  # noqa: BLE001 - the log line above still says it
                     log.error("the decision journal could not record it: %s", type(journal_error).__name__)
@@ -219,7 +224,7 @@ class Engine:
             no_reading = str(exc)
         if self.ledger is not None and execute and self.reconciler is not None:
             with self.ledger.reader() as session:
-                open_rows = queries.has_unresolved(session, policy.mt5)
+                open_rows = self.summaries.book(session, policy.mt5).blocked() is not None
             if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
                 for verdict in self.reconciler.run(policy.mt5):
                     log.warning("%s", verdict)
@@ -242,7 +247,9 @@ class Engine:
         needs_broker = snapshot is not None and self.broker is not None and self._needs_broker(policy, snapshot)
         if self.ledger is not None:
             with self.ledger.reader() as session:
-                usage = queries.usage(session, policy.mt5, now)
+                # `plan` may read a ledger of an older revision (no change counters): it reads afresh
+                usage = (self.summaries.book(session, policy.mt5).usage(now) if execute
+                         else queries.usage(session, policy.mt5, now))
                 if needs_broker and not usage.unresolved:  # an idle tick reads none of this
                     in_flight = queries.funding_in_flight(session, policy.funding)
                     unresolved_anywhere = queries.unresolved_count(session)
@@ -322,9 +329,14 @@ class Engine:
                 # raises Fenced: the whole transaction is dropped
                 self.fence(session, policy.mt5)
             queries.record_decision(session, now, policy.mt5, policy.name, policy.sha256, decision,
-                                    policy.currency, equity, age, transfer_id=transfer.id if transfer else None)
+                                    policy.currency, equity, age, transfer_id=transfer.id if transfer else None,
+                                    taken_at=snapshot.taken_at if snapshot is not None else None, runs=self.runs)
             if snapshot is not None and decision.bound_by not in NOT_A_PEAK:
-                queries.note_equity(session, policy.mt5, snapshot.equity, now)
+                held = self.summaries.books.get(policy.mt5)
+                # the summary read this tick knows the peak: most readings are below it and write nothing (a
+                # peak lowered meanwhile by another writer is seen at the next tick, its counter having moved)
+                if held is None or held[1].peak is None or snapshot.equity > held[1].peak:
+                    queries.note_equity(session, policy.mt5, snapshot.equity, now)
             if decision.kill_switch:
                 queries.add_halt(session, policy.mt5, "kill_switch", decision.kill_switch, now, "agent")
 
@@ -344,7 +356,9 @@ class Engine:
                 outcome.decision = Decision("none", None, f"not sent: {exc}", bound_by="lease",
                                             details=decision.details)
                 return None  # not ours any more: the holder records its own decisions
-        with self.ledger.session() as session:
+        # a decision that did nothing commits without waiting for the disk; a kill-switch halt does wait
+        relaxed = decision.action == "none" and not decision.kill_switch
+        with (self.ledger.journal_session() if relaxed else self.ledger.session()) as session:
             try:
                 journal(session, None)
             except Fenced as exc:

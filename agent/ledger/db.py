@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 # Every migration this build ships, oldest first, and the newest. Checked against migrations/ by a test; lets a
 # ledger that is already current open without importing Alembic (a third of the start-up time of every command),
 # and a ledger written by a newer fund-agent be refused before anything reads or copies it.
-KNOWN = ("0001", "0002", "0003", "0004", "0005", "0006")
+KNOWN = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
 HEAD = KNOWN[-1]
 READ_ONLY_OPTION = "fund_agent_read_only"
+JOURNAL_OPTION = "fund_agent_journal"
 # PostgreSQL: a writer that waits this long for a row or table lock gives up (the tick retries on the next pass)
 # instead of stalling its lane; no statement of ours runs for long, so one that does is stuck.
 LOCK_TIMEOUT_MS = 10_000
@@ -182,7 +183,17 @@ def make_engine(url: str, readonly: bool = False, password_env: str | None = Non
     def _begin(conn) -> None:  # type: ignore[no-untyped-def]
         # Writers take the write lock up front (IMMEDIATE): two writers never deadlock half-way through.
         # Readers (Ledger.reader) begin deferred and never wait for, or block, a writer under WAL.
-        reading = readonly or conn.get_execution_options().get(READ_ONLY_OPTION)
+        options = conn.get_execution_options()
+        reading = readonly or options.get(READ_ONLY_OPTION)
+        if not reading:
+            # A no-op decision's commit may skip the fsync (synchronous=NORMAL: the WAL keeps commits atomic and
+            # in order; a power loss can drop the newest such commits, never half of one); every other write
+            # commits FULL. The level can only change outside a transaction, so it is set here, when it differs.
+            level = "NORMAL" if options.get(JOURNAL_OPTION) else "FULL"
+            info = conn.connection.info
+            if info.get("synchronous") != level:
+                conn.exec_driver_sql(f"PRAGMA synchronous={level}")
+                info["synchronous"] = level
         conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
     return engine
@@ -349,6 +360,9 @@ class Ledger:
             # write from a reader: the same guarantees as SQLite's deferred read transaction under WAL
             reading.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         self.readers = sessionmaker(self.engine.execution_options(**reading), expire_on_commit=False)
+        self.journals = sessionmaker(self.engine.execution_options(**{JOURNAL_OPTION: True}), expire_on_commit=False)
+        if self.dialect == "postgresql":
+            event.listen(self.journals, "after_begin", _relaxed_commit)
 
     @classmethod
     def open(cls, url: str, password_env: str | None = None) -> Ledger:
@@ -356,7 +370,7 @@ class Ledger:
         return cls(url, password_env=password_env)
 
     @classmethod
-    def open_readonly(cls, url: str, password_env: str | None = None) -> Ledger | None:
+    def open_readonly(cls, url: str, password_env: str | None = None, current: bool = True) -> Ledger | None:
         """For audit commands; None when no ledger file exists yet (nothing recorded)."""
         path = sqlite_path(url)
         if path is not None and not path.exists():
@@ -372,11 +386,22 @@ class Ledger:
         if revision is None:
             ledger.close()
             return None
+        if current and revision != HEAD:  # the reading code expects this build's tables and columns
+            ledger.close()
+            raise LedgerError(f"the ledger {describe(url)} is at schema revision {revision}; this fund-agent reads "
+                              f"revision {HEAD}: run `fund-agent db upgrade` (the service upgrades it when it "
+                              "starts)")
         return ledger
 
     def session(self) -> Session:
         """A session for writing: its transaction begins IMMEDIATE."""
         return self.sessions()
+
+    def journal_session(self) -> Session:
+        """A writing session for decisions that did nothing (and what goes with them: the equity peak, the end
+        of a run): committed without waiting for the disk (SQLite synchronous=NORMAL, PostgreSQL
+        synchronous_commit off). Money rows never go through it."""
+        return self.journals()
 
     def reader(self) -> Session:
         """A session that only reads: deferred BEGIN, a consistent snapshot, no write lock (on PostgreSQL:
@@ -385,6 +410,10 @@ class Ledger:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _relaxed_commit(_session: Session, _transaction: Any, connection: Connection) -> None:
+    connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
 
 def upsert(session: Session, model: Any, values: dict[str, Any], keys: Sequence[str],

@@ -6,16 +6,19 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -108,6 +111,8 @@ class Transfer(Base):
               sqlite_where="state IN ('pending','sent','unknown')",
               postgresql_where="state IN ('pending','sent','unknown')"),
         Index("ix_transfers_account_created", "account", "created_at"),
+        # Covers `ledger --totals` (GROUP BY these, sum amount_minor): migration 0008
+        Index("ix_transfers_totals", "account", "kind", "currency", "state", "created_at", "amount_minor"),
     )
 
 
@@ -151,8 +156,24 @@ class DecisionRow(Base):
     bound_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON object
     transfer_id: Mapped[int | None] = mapped_column(ID, ForeignKey("transfers.id"), nullable=True)
+    # A run of identical no-op evaluations (agent/ledger/journal.py): the columns above are its first one.
+    run_count: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+    run_last_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    run_evals: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    run_sealed: Mapped[bool] = mapped_column(Boolean(create_constraint=False), nullable=False, default=False,
+                                             server_default=false())
 
     __table_args__ = (Index("ix_decisions_account_at", "account", "at"),)
+
+
+class AccountVersion(Base):
+    """A counter per account raised by database triggers on any write to its transfers, halts or equity peak
+    (migration 0007): the engine's in-memory summary of the account is current while it has not moved."""
+
+    __tablename__ = "account_versions"
+
+    account: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 class Halt(Base):

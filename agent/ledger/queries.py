@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import LargeBinary, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from agent import money
+from agent.ledger import journal
 from agent.ledger.db import upsert
 from agent.ledger.models import (
     UNRESOLVED_STATES,
@@ -21,6 +22,7 @@ from agent.ledger.models import (
     Halt,
     Transfer,
     TransferEvent,
+    UTCDateTime,
 )
 from agent.policy.evaluate import Decision, Usage
 from agent.policy.usage_book import HaltRecord, TransferRecord, UsageBook
@@ -60,6 +62,7 @@ TRANSFER_FIELDS = ["id", "created_at", "account", "funding", "kind", "amount", "
                    "sent_at", "resolved_by"]
 DECISION_FIELDS = ["id", "at", "account", "policy", "policy_sha256", "action", "amount", "currency", "equity",
                    "equity_age_s", "reason", "bound_by", "transfer_id", "details"]
+RUN_FIELDS = [*DECISION_FIELDS, "run_count", "run_last_at"]
 
 
 def decision_record(d: DecisionRow) -> dict[str, Any]:
@@ -172,6 +175,38 @@ def load_book(session: Session, account: str) -> UsageBook:
     return book
 
 
+_VERSION_OF = text("SELECT version FROM account_versions WHERE account = :account")
+
+
+def account_version(session: Session, account: str) -> int:
+    """The account's change counter (migration 0007's triggers raise it on any write to its transfers, halts or
+    equity peak): 0 while nothing was ever written."""
+    return int(session.execute(_VERSION_OF, {"account": account}).scalar() or 0)
+
+
+class Summaries:
+    """Each account's ledger summary (a UsageBook) held in memory, read again only when the account's change
+    counter moved: by this process's own writes or anybody else's. Read in one snapshot with its counter, a
+    summary is exactly what a fresh read would give."""
+
+    def __init__(self) -> None:
+        self.books: dict[str, tuple[int, UsageBook]] = {}
+        self.reads = 0  # how many times a book was read from the ledger (tests, metrics)
+
+    def book(self, session: Session, account: str) -> UsageBook:
+        version = account_version(session, account)
+        held = self.books.get(account)
+        if held is not None and held[0] == version:
+            return held[1]
+        book = load_book(session, account)
+        self.reads += 1
+        self.books[account] = (version, book)
+        return book
+
+    def forget(self, account: str) -> None:
+        self.books.pop(account, None)
+
+
 def usage(session: Session, account: str, now: datetime) -> Usage:
     """What the ledger says about this account, counting unresolved transfers as if they happened.
 
@@ -219,18 +254,109 @@ def confirmed_since(session: Session, since: datetime) -> int:
         Transfer.state == "confirmed", Transfer.updated_at >= since)).scalar_one())
 
 
+def decision_values(at: datetime, account: str, policy: str, policy_sha256: str | None, decision: Decision,
+                    currency: str | None, equity: Decimal | None, equity_age_s: int | None,
+                    transfer_id: int | None = None, action: str | None = None) -> dict[str, Any]:
+    """The columns of a decision row (its first evaluation's, when it becomes a run)."""
+    return {"at": at, "account": account, "policy": policy, "policy_sha256": policy_sha256,
+            "action": action or decision.action,
+            "amount": money.fmt(decision.amount, currency) if decision.amount is not None and currency else None,
+            "currency": currency, "equity": str(equity) if equity is not None else None,
+            "equity_age_s": equity_age_s, "reason": decision.reason, "bound_by": decision.bound_by,
+            "details": json.dumps(decision.details, sort_keys=True) if decision.details else None,
+            "transfer_id": transfer_id}
+
+
+def _as_record(values: dict[str, Any], row_id: int | None) -> dict[str, Any]:
+    record = {k: v for k, v in values.items() if k not in ("details", "at")}
+    record.update(id=row_id, at=iso(values["at"]),
+                  details=json.loads(values["details"]) if values["details"] else {})
+    return record
+
+
+@dataclass
+class OpenRun:
+    """An account's newest decision row, as a run that later evaluations may join."""
+
+    row_id: int
+    first: dict[str, Any]  # its first evaluation's record (decision_record)
+    first_at: datetime
+    count: int
+    last_at: datetime
+    entries: bytes
+    sealed: bool
+
+
+_NEWEST_DECISION = (select(DecisionRow).where(DecisionRow.account == bindparam("account"))
+                    .order_by(DecisionRow.at.desc(), DecisionRow.id.desc()).limit(1))
+_EXTEND = text("UPDATE decisions SET run_count = :count + 1, run_last_at = :at, run_evals = :entries "
+               "WHERE id = :id AND run_count = :count AND NOT run_sealed AND NOT EXISTS ("
+               "SELECT 1 FROM decisions AS newer WHERE newer.account = :account AND newer.at >= :first_at "
+               "AND newer.id > :id)").bindparams(bindparam("at", type_=UTCDateTime()),
+                                                 bindparam("first_at", type_=UTCDateTime()),
+                                                 bindparam("entries", type_=LargeBinary()))
+
+
+def newest_run(session: Session, account: str) -> OpenRun | None:
+    row = session.scalars(_NEWEST_DECISION, {"account": account}).first()
+    if row is None:
+        return None
+    return OpenRun(row.id, decision_record(row), row.at, row.run_count, row.run_last_at or row.at,
+                   bytes(row.run_evals or b""), bool(row.run_sealed))
+
+
+def seal_run(session: Session, run: OpenRun, at: datetime) -> None:
+    """A run that ended: its later evaluations go into the hash chain (one `decisions`/`run` link)."""
+    if run.count <= 1 or run.sealed:
+        return
+    conn = session.connection()
+    done = conn.execute(update(DecisionRow).where(DecisionRow.id == run.row_id, DecisionRow.run_sealed.is_(False))
+                        .values(run_sealed=True)).rowcount
+    run.sealed = True
+    if done:
+        from agent.audit import chain  # the chain imports the models; imported late, as the ledger does
+
+        chain.seal(conn, run.row_id, at)
+
+
 def record_decision(session: Session, at: datetime, account: str, policy: str, policy_sha256: str | None,
                     decision: Decision, currency: str | None, equity: Decimal | None, equity_age_s: int | None,
-                    transfer_id: int | None = None, action: str | None = None) -> DecisionRow:
-    row = DecisionRow(at=at, account=account, policy=policy, policy_sha256=policy_sha256,
-                      action=action or decision.action,
-                      amount=money.fmt(decision.amount, currency) if decision.amount is not None and currency
-                      else None,
-                      currency=currency, equity=str(equity) if equity is not None else None,
-                      equity_age_s=equity_age_s, reason=decision.reason, bound_by=decision.bound_by,
-                      details=json.dumps(decision.details, sort_keys=True) if decision.details else None,
-                      transfer_id=transfer_id)
+                    transfer_id: int | None = None, action: str | None = None, taken_at: datetime | None = None,
+                    runs: dict[str, OpenRun | None] | None = None) -> DecisionRow | None:
+    """Write one evaluation. A no-op evaluation that repeats the account's newest row joins its run (an update:
+    the journal grows a few bytes, agent/ledger/journal.py); anything else is a row of its own, and ends the run
+    before it. `taken_at`: the reading's time (None without a reading). `runs`: the caller's memory of each
+    account's newest row (saves a read; checked by the update itself). Returns the new row, or None when the
+    evaluation joined a run."""
+    values = decision_values(at, account, policy, policy_sha256, decision, currency, equity, equity_age_s,
+                             transfer_id, action)
+    record = _as_record(values, None)
+    run = runs.get(account) if runs is not None else None
+    for attempt in range(2):
+        if run is None or attempt:
+            run = newest_run(session, account)
+        if run is None:
+            break
+        entry = journal.joinable(run.first, run.first_at, run.count, run.last_at, record, at, taken_at)
+        if entry is None:
+            break
+        if session.execute(_EXTEND, {"count": run.count, "at": at, "entries": run.entries + entry, "id": run.row_id,
+                                     "account": account, "first_at": run.first_at}).rowcount == 1:
+            run.count, run.last_at, run.entries = run.count + 1, at, run.entries + entry
+            if run.count >= journal.RUN_CAP:
+                seal_run(session, run, at)
+            if runs is not None:
+                runs[account] = run
+            return None
+    if run is None or runs is not None:  # the row before this one, from the database, to end its run
+        run = newest_run(session, account)
+    if run is not None:
+        seal_run(session, run, at)
+    row = DecisionRow(**values)
     session.add(row)
+    session.flush()
+    if runs is not None:
+        runs[account] = OpenRun(row.id, _as_record(values, row.id), at, 1, at, b"", False)
     return row
 
 
@@ -288,9 +414,31 @@ def list_transfers(session: Session, filters: Filters) -> list[Transfer]:
 
 
 def list_decisions(session: Session, filters: Filters) -> list[DecisionRow]:
-    """Decisions have an action (top_up, sweep, none, error): --kind and --state both filter on it."""
-    return list(session.scalars(_filtered(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action,
-                                          filters)))
+    """Decision rows (each a run of one or more evaluations) with an evaluation in [since, until). Decisions have
+    an action (top_up, sweep, none, error): --kind and --state both filter on it."""
+    query = _filtered(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action,
+                      replace(filters, since=None))
+    if filters.since is not None:
+        # a run ends at or after its first evaluation and never crosses a UTC hour: the index narrows it
+        query = query.where(DecisionRow.at >= filters.since.replace(minute=0, second=0, microsecond=0),
+                            func.coalesce(DecisionRow.run_last_at, DecisionRow.at) >= filters.since)
+    return list(session.scalars(query))
+
+
+def decision_records(rows: list[DecisionRow], filters: Filters, runs: bool = False) -> list[dict[str, Any]]:
+    """The records of `decisions`: one per evaluation, each run expanded, within [since, until); `runs`: one per
+    row, with its run's count and last time."""
+    records: list[dict[str, Any]] = []
+    for row in rows:
+        first = decision_record(row)
+        if runs:
+            first.update(run_count=row.run_count, run_last_at=iso(row.run_last_at or row.at))
+            records.append(first)
+        elif row.run_count <= 1 and not row.run_evals:
+            records.append(first)
+        else:
+            records.extend(journal.expand_between(first, row.at, row.run_evals, filters.since, filters.until))
+    return records
 
 
 def list_halts(session: Session, filters: Filters, active_only: bool = False) -> list[Halt]:

@@ -109,6 +109,10 @@ class UsageBook:
 
     # ---- the accounting ----
 
+    def blocked(self) -> str | None:
+        """Why the account is blocked by an unresolved transfer (None: it is not)."""
+        return (self._settled or self._settle()).rest.unresolved
+
     def usage(self, now: datetime) -> Usage:
         """What this ledger says about the account at `now`, counting unresolved transfers as if they happened."""
         settled = self._settled or self._settle()

@@ -54,12 +54,13 @@ def upgrade() -> None:
     op.execute(f"INSERT INTO audit_head (chain, seq, hash) VALUES ('ledger', 0, '{GENESIS}'), "
                f"('journal', 0, '{GENESIS}')")
     bind = op.get_bind()
-    from agent.audit.chain import backfill
+    from agent.audit.chain import KINDS, backfill
     from agent.audit.views import create_views
 
     create_views(bind)
 
-    backfill(bind, datetime.now(UTC))  # an existing ledger is chained from its first row, in this transaction
+    # an existing ledger is chained from its first row, in this transaction (runs of decisions come with 0007)
+    backfill(bind, datetime.now(UTC), kinds=[kind for kind in KINDS if kind.action != "run"])
 
 
 def downgrade() -> None:
