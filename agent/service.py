@@ -88,6 +88,7 @@ class Service:
         self.reactor: Any = None
         self.watcher: Any = None
         self.triggers: Any = None
+        self._last_said: dict[str, tuple[str, str | None, str]] = {}  # per account: the last decision logged
         self._by_digits: tuple[dict[str, Policy], dict[str, Policy]] | None = None
 
     # ---- start ----
@@ -399,6 +400,10 @@ class Service:
             extra = f" -> transfer {outcome.transfer['id']} {outcome.transfer['state']}"
         level = logging.INFO if outcome.transfer is None or outcome.transfer["state"] == "confirmed" \
             else logging.WARNING
+        said = (decision.action, decision.bound_by, decision.reason)
+        if outcome.transfer is None and decision.action == "none" and self._last_said.get(outcome.policy.mt5) == said:
+            level = logging.DEBUG  # the same nothing-to-do as last time (the journal has it): one line, not one a tick
+        self._last_said[outcome.policy.mt5] = said
         log.log(level, "%s %s%s: %s", decision.action, decision.amount if decision.amount is not None else "",
                 extra, decision.reason)
 
@@ -418,6 +423,22 @@ class Service:
         log.info("heartbeat: %d policies, %d evaluations, broker %s", len(self.policies), self.stats.evaluations,
                  "connected" if connected else "disconnected")
         self._reconcile_orphans()
+        self._seal_ended_runs()
+
+    def _seal_ended_runs(self) -> None:
+        """Chain the runs of no-op evaluations whose hour is over (agent/ledger/journal.py) without waiting for
+        their account's next evaluation."""
+        if self.ledger is None:
+            return
+        try:
+            with self.ledger.journal_session() as session:
+                sealed = queries.seal_ended_runs(session, self.clock.now())
+                session.commit()
+        except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again; evaluations go on meanwhile
+            log.warning("could not end the journal's finished runs: %s", logs.redact(str(exc))[:200])
+            return
+        if sealed:
+            log.debug("ended %d runs of no-op evaluations", sealed)
 
     def _reconcile_orphans(self) -> None:
         """Unresolved transfers of accounts that no policy in force evaluates (a policy removed or renamed while

@@ -64,7 +64,9 @@ def page_data(session: Session | None, policies: list[Policy], now: datetime) ->
         managed = [p.mt5 for p in policies]
         recent = session.scalars(select(DecisionRow).where(DecisionRow.account.in_(managed))
                                  .order_by(DecisionRow.id.desc()).limit(LAST_DECISIONS)).all()
-        decisions = [queries.decision_record(d) for d in recent]
+        # each row is a run of evaluations: the newest evaluations first, runs expanded
+        everything = queries.decision_records(list(reversed(recent)), queries.Filters())
+        decisions = list(reversed(everything))[:LAST_DECISIONS]
     return {"rows": rows, "decisions": decisions, "now": now, "since": since}
 
 

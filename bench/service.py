@@ -20,7 +20,6 @@ from typing import Any
 
 from benchkit import (
     INTAKE_SECRET,
-    count_rows,
     cpu_seconds,
     free_port,
     median_ms,
@@ -140,7 +139,7 @@ def cpu_per_evaluation(accounts_count: int = 50, seconds: float = 15.0) -> dict[
     db = base / "ledger.db"
     try:
         deadline = time.monotonic() + 30
-        while count_rows(db, "decisions") < accounts_count * 2 and time.monotonic() < deadline:
+        while _evaluations(db) < accounts_count * 2 and time.monotonic() < deadline:
             time.sleep(0.2)  # past the start-up (imports, migrations, first evaluations)
         cpu0, evals0 = cpu_seconds(proc.pid), _evaluations(db)
         refresh = time.monotonic()

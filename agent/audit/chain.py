@@ -185,7 +185,9 @@ def select_rows(kind: Kind, dialect: str = "sqlite") -> Select[Any]:
                 .order_by(Halt.id))
     if kind.source == "decisions" and kind.action == "run":
         d = DecisionRow
-        return select(d.id, d.run_count, t_(d.run_last_at), d.run_evals).where(d.run_sealed.is_(True)).order_by(d.id)
+        # an ended run of more than one evaluation (a row of one, ended, has nothing more to chain)
+        return (select(d.id, d.run_count, t_(d.run_last_at), d.run_evals)
+                .where(d.run_sealed.is_(True), d.run_count > 1).order_by(d.id))
     if kind.source == "decisions":
         d = DecisionRow
         return select(d.id, t_(d.at), d.account, d.policy, d.policy_sha256, d.action, d.amount, d.currency, d.equity,

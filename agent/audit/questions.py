@@ -4,12 +4,14 @@ their integer minor units become exact decimal strings."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import case, func, literal_column, select
+from sqlalchemy import and_, case, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from agent import money
+from agent.ledger import journal
 from agent.ledger.models import DecisionRow, Halt, Transfer
 from agent.ledger.queries import Filters, filter_conditions
 
@@ -88,16 +90,40 @@ def net_flow(session: Session, filters: Filters, by: str | None = None) -> list[
 
 
 def decision_totals(session: Session, filters: Filters, by: str | None = None) -> list[dict[str, Any]]:
-    """Count of decisions per [period,] account, policy and action."""
+    """Count of decisions (evaluations) per [period,] account, policy and action."""
     keys = [DecisionRow.account, DecisionRow.policy, DecisionRow.action]
     if by:
         keys.insert(0, period_of(DecisionRow.at, by, _dialect(session)).label("period"))
-    # a row is a run of evaluations (agent/ledger/journal.py), which never crosses a UTC hour: counted by its first
+    # A row is a run of evaluations (agent/ledger/journal.py) that never crosses a UTC hour, so a period holds
+    # whole runs: summed in SQL by where each run starts. Only a run cut by --since or --until is counted
+    # evaluation by evaluation (at most two an account).
     query = (select(*keys, func.sum(DecisionRow.run_count))
              .where(*filter_conditions(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action, filters))
              .group_by(*keys).order_by(*keys))
+    counts: dict[tuple[Any, ...], int] = {tuple(row[:-1]): int(row[-1]) for row in session.execute(query)}
+    in_order = list(counts)
+    cuts = [moment for moment in (filters.since, filters.until) if moment is not None]
+    if cuts:
+        last = func.coalesce(DecisionRow.run_last_at, DecisionRow.at)
+        straddles = or_(*[and_(DecisionRow.at < moment, last >= moment) for moment in cuts])
+        unbounded = replace(filters, since=None, until=None)
+        cut_runs = select(*keys, DecisionRow.at, DecisionRow.equity, DecisionRow.equity_age_s, DecisionRow.run_evals,
+                          DecisionRow.run_count).where(
+            straddles, *filter_conditions(DecisionRow, DecisionRow.at, DecisionRow.action, DecisionRow.action,
+                                          unbounded))
+        width = len(keys)
+        for row in session.execute(cut_runs):
+            key, (first_at, equity, age, entries, run_count) = tuple(row[:width]), row[width:]
+            inside = sum(1 for at, _e, _a in journal.readings(first_at, equity, age, entries)
+                         if (filters.since is None or at >= filters.since)
+                         and (filters.until is None or at < filters.until))
+            counted = run_count if ((filters.since is None or first_at >= filters.since)
+                                    and (filters.until is None or first_at < filters.until)) else 0
+            counts[key] = counts.get(key, 0) + inside - counted
+    if len(counts) > len(in_order):  # a group only a cut run has: placed among the others
+        in_order = sorted(counts, key=lambda key: tuple("" if v is None else str(v) for v in key))
     names = (["period"] if by else []) + ["account", "policy", "action", "count"]
-    return [dict(zip(names, [*row[:-1], int(row[-1])], strict=True)) for row in session.execute(query)]
+    return [dict(zip(names, [*key, counts[key]], strict=True)) for key in in_order if counts[key] > 0]
 
 
 def halt_totals(session: Session, filters: Filters, by: str | None = None, active_only: bool = False

@@ -61,17 +61,24 @@ def accounts_in(session: Session, since: datetime, until: datetime) -> list[str]
 
 
 def equity_points(session: Session, account: str, since: datetime, until: datetime) -> list[tuple[datetime, Decimal]]:
-    where = (DecisionRow.account == account, DecisionRow.at >= since, DecisionRow.at < until,
-             DecisionRow.equity.is_not(None))
-    count = session.execute(select(func.count(DecisionRow.id)).where(*where)).scalar_one()
+    """The account's equity readings in [since, until), at most about MAX_POINTS of them (every n-th)."""
+    where = (DecisionRow.account == account, DecisionRow.at < until,
+             func.coalesce(DecisionRow.run_last_at, DecisionRow.at) >= since, DecisionRow.equity.is_not(None))
+    # each row is a run of evaluations (agent/ledger/journal.py): the stride counts evaluations, not rows
+    count = session.execute(select(func.coalesce(func.sum(DecisionRow.run_count), 0)).where(*where)).scalar_one()
+    step = max(1, -(-int(count) // MAX_POINTS))
     query = (select(DecisionRow.at, DecisionRow.equity, DecisionRow.equity_age_s, DecisionRow.run_evals)
              .where(*where).order_by(DecisionRow.at, DecisionRow.id))
-    step = max(1, -(-int(count) // MAX_POINTS))
-    if step > 1:  # every step-th row, chosen in SQL: a year of one-a-minute decisions is not loaded
-        query = query.where(DecisionRow.id % step == 0)
-    # each row is a run of evaluations (agent/ledger/journal.py): every one of them is a point, up to `until`
-    return [(at, Decimal(equity)) for run in session.execute(query) for at, equity, _age in journal.readings(*run)
-            if at < until and equity is not None]
+    points: list[tuple[datetime, Decimal]] = []
+    seen = 0
+    for run in session.execute(query):
+        for at, equity, _age in journal.readings(*run):
+            if not since <= at < until or equity is None:
+                continue
+            if seen % step == 0:
+                points.append((at, Decimal(equity)))
+            seen += 1
+    return points
 
 
 def window_usage(session: Session, policy: Any, until: datetime) -> list[dict[str, Any]]:

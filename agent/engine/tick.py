@@ -25,6 +25,7 @@ from agent.ledger.leases import Fenced, Leases
 from agent.ledger.models import Transfer
 from agent.policy.evaluate import BrokerLimits, Decision, evaluate
 from agent.policy.model import Policy
+from agent.policy.usage_book import UsageBook
 from agent.timeutil import Clock
 
 log = logging.getLogger("agent.engine")
@@ -222,17 +223,21 @@ class Engine:
             snapshot = self.source.read(policy.mt5, policy.schedule.max_equity_age.total_seconds())
         except NoReading as exc:
             no_reading = str(exc)
-        if self.ledger is not None and execute and self.reconciler is not None:
+        book = None
+        if self.ledger is not None and execute:
+            # the account's summary: held in memory, one counter read unless something changed (queries.Summaries)
             with self.ledger.reader() as session:
-                open_rows = self.summaries.book(session, policy.mt5).blocked() is not None
-            if open_rows:  # reconcile before deciding: an unproven outcome must not be decided over
+                book = self.summaries.book(session, policy.mt5)
+            if self.reconciler is not None and book.blocked() is not None:
+                # reconcile before deciding: an unproven outcome must not be decided over
                 for verdict in self.reconciler.run(policy.mt5):
                     log.warning("%s", verdict)
+                book = None  # read again: reconcile wrote
         # From reading the ledger and the funding balance to committing the intent, accounts paid by the same
         # funding account go one at a time: the next one sees this one's intent as money already spent.
         with self.lanes.hold(policy.funding):
             now = self.clock.now()
-            outcome, transfer = self._decide(policy, snapshot, no_reading, now, execute)
+            outcome, transfer = self._decide(policy, snapshot, no_reading, now, execute, book)
         if transfer is not None:
             self._execute(policy, outcome, transfer)
         if self.on_outcome is not None:
@@ -240,12 +245,14 @@ class Engine:
         return outcome
 
     def _decide(self, policy: Policy, snapshot: Snapshot | None, no_reading: str | None, now: datetime,
-                execute: bool) -> tuple[TickOutcome, Transfer | None]:
+                execute: bool, book: UsageBook | None = None) -> tuple[TickOutcome, Transfer | None]:
         usage = queries.Usage()
         in_flight = Decimal(0)
         unresolved_anywhere = 0
         needs_broker = snapshot is not None and self.broker is not None and self._needs_broker(policy, snapshot)
-        if self.ledger is not None:
+        if book is not None and not needs_broker:
+            usage = book.usage(now)  # read by this tick a moment ago: an idle tick reads the ledger once
+        elif self.ledger is not None:
             with self.ledger.reader() as session:
                 # `plan` may read a ledger of an older revision (no change counters): it reads afresh
                 usage = (self.summaries.book(session, policy.mt5).usage(now) if execute
@@ -328,17 +335,16 @@ class Engine:
                 # first (lock order: the lease row before the audit chain's head, taken at the first flush);
                 # raises Fenced: the whole transaction is dropped
                 self.fence(session, policy.mt5)
+            # the peak and the halt before the decision: the rows of the account first, then the audit chain's head
+            # (taken at the decision's flush), the order other writers (resume, reconcile, an intent) take them in
+            if snapshot is not None and decision.bound_by not in NOT_A_PEAK:
+                queries.note_equity(session, policy.mt5, snapshot.equity, now)
+            if decision.kill_switch:
+                queries.add_halt(session, policy.mt5, "kill_switch", decision.kill_switch, now, "agent")
+                session.flush()
             queries.record_decision(session, now, policy.mt5, policy.name, policy.sha256, decision,
                                     policy.currency, equity, age, transfer_id=transfer.id if transfer else None,
                                     taken_at=snapshot.taken_at if snapshot is not None else None, runs=self.runs)
-            if snapshot is not None and decision.bound_by not in NOT_A_PEAK:
-                held = self.summaries.books.get(policy.mt5)
-                # the summary read this tick knows the peak: most readings are below it and write nothing (a
-                # peak lowered meanwhile by another writer is seen at the next tick, its counter having moved)
-                if held is None or held[1].peak is None or snapshot.equity > held[1].peak:
-                    queries.note_equity(session, policy.mt5, snapshot.equity, now)
-            if decision.kill_switch:
-                queries.add_halt(session, policy.mt5, "kill_switch", decision.kill_switch, now, "agent")
 
         if decision.transfers and self.broker is not None and equity is not None:
             assert decision.amount is not None
@@ -348,24 +354,31 @@ class Engine:
                     amount=decision.amount, currency=policy.currency, policy=policy.name,
                     policy_sha256=policy.sha256, equity=equity, reason=decision.reason, owner=self.owner,
                     fence=self.fence, check=check, record=journal)
-            except transfers.AccountBusy as exc:
+            except BaseException as exc:
+                self.runs.pop(policy.mt5, None)  # the intent's transaction (and its decision) did not commit
+                if not isinstance(exc, transfers.AccountBusy | Fenced):
+                    raise
+                if isinstance(exc, Fenced):
+                    outcome.decision = Decision("none", None, f"not sent: {exc}", bound_by="lease",
+                                                details=decision.details)
+                    return None  # not ours any more: the holder records its own decisions
                 decision = Decision("none", None, f"blocked: {exc}", bound_by="unresolved",
                                     details=decision.details)
                 outcome.decision = decision
-            except Fenced as exc:
-                outcome.decision = Decision("none", None, f"not sent: {exc}", bound_by="lease",
-                                            details=decision.details)
-                return None  # not ours any more: the holder records its own decisions
         # a decision that did nothing commits without waiting for the disk; a kill-switch halt does wait
         relaxed = decision.action == "none" and not decision.kill_switch
         with (self.ledger.journal_session() if relaxed else self.ledger.session()) as session:
             try:
                 journal(session, None)
+                session.commit()
             except Fenced as exc:
                 session.rollback()
+                self.runs.pop(policy.mt5, None)
                 outcome.decision = Decision("none", None, f"not recorded: {exc}", bound_by="lease")
                 return None
-            session.commit()
+            except BaseException:
+                self.runs.pop(policy.mt5, None)  # what it remembered of the row may not have been committed
+                raise
         return None
 
     def _execute(self, policy: Policy, outcome: TickOutcome, transfer: Transfer) -> None:

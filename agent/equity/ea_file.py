@@ -137,6 +137,9 @@ class EaFileSource:
     def __init__(self, directory: Path, clock: Clock) -> None:
         self.directory = directory
         self.clock = clock
+        # the last bytes read per file and what they said: the EA rewrites its file every few seconds, the
+        # scheduler may read it more often; the same bytes need no second parse
+        self._parsed: dict[Path, tuple[bytes, Snapshot]] = {}
 
     def path_for(self, mt5_login: str) -> Path:
         return self.directory / f"status-{login_digits(mt5_login)}.json"
@@ -151,7 +154,12 @@ class EaFileSource:
             raise NoReading(f"status file {path} {exc}") from None
         except OSError as exc:
             raise NoReading(f"status file {path} is unreadable: {exc.strerror or exc}") from None
-        snapshot = parse_status(raw, login_digits(mt5_login), f"status file {path.name}")
+        held = self._parsed.get(path)
+        if held is not None and held[0] == raw:
+            snapshot = held[1]
+        else:
+            snapshot = parse_status(raw, login_digits(mt5_login), f"status file {path.name}")
+            self._parsed[path] = (bytes(raw), snapshot)
         if snapshot.taken_at > self.clock.now() + _FUTURE_SLACK:
             raise NoReading(f"status file {path.name} is dated in the future ({snapshot.taken_at.isoformat()}); "
                             "check the clocks")

@@ -19,6 +19,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -35,6 +36,7 @@ NAMING = {
 
 TRANSFER_STATES = ("pending", "sent", "confirmed", "failed", "unknown")
 UNRESOLVED_STATES = ("pending", "sent", "unknown")
+OPEN_RUN = "NOT run_sealed AND run_count > 1"  # a decision row whose run has not ended (the partial index's form)
 KINDS = ("top_up", "sweep")
 # Row ids: BIGINT on PostgreSQL (a shared ledger outlives 2^31 decisions), INTEGER on SQLite, where it is the
 # 64-bit rowid already and the type existing ledgers were created with.
@@ -163,7 +165,10 @@ class DecisionRow(Base):
     run_sealed: Mapped[bool] = mapped_column(Boolean(create_constraint=False), nullable=False, default=False,
                                              server_default=false())
 
-    __table_args__ = (Index("ix_decisions_account_at", "account", "at"),)
+    __table_args__ = (Index("ix_decisions_account_at", "account", "at"),
+                      Index("ix_decisions_account_id", "account", "id"),
+                      Index("ix_decisions_open_runs", "id", sqlite_where=text(OPEN_RUN),
+                            postgresql_where=text(OPEN_RUN)))
 
 
 class AccountVersion(Base):

@@ -15,6 +15,7 @@ from agent import money
 from agent.ledger import journal
 from agent.ledger.db import upsert
 from agent.ledger.models import (
+    OPEN_RUN,
     UNRESOLVED_STATES,
     DecisionRow,
     EquityPeak,
@@ -287,11 +288,15 @@ class OpenRun:
     sealed: bool
 
 
+# The account's newest row by id (the (account, id) index): the row a repeated evaluation joins and the one a new
+# row ends. By id, not time: a clock stepped back must not leave a newer row open behind an older one.
 _NEWEST_DECISION = (select(DecisionRow).where(DecisionRow.account == bindparam("account"))
-                    .order_by(DecisionRow.at.desc(), DecisionRow.id.desc()).limit(1))
+                    .order_by(DecisionRow.id.desc()).limit(1))
+# Joins only the row it was meant for (its id, account and first time: an id a rolled-back insert gave up may be
+# reused by another account's row), only if no other writer joined it or ended it meanwhile.
 _EXTEND = text("UPDATE decisions SET run_count = :count + 1, run_last_at = :at, run_evals = :entries "
-               "WHERE id = :id AND run_count = :count AND NOT run_sealed AND NOT EXISTS ("
-               "SELECT 1 FROM decisions AS newer WHERE newer.account = :account AND newer.at >= :first_at "
+               "WHERE id = :id AND account = :account AND at = :first_at AND run_count = :count AND NOT run_sealed "
+               "AND NOT EXISTS (SELECT 1 FROM decisions AS newer WHERE newer.account = :account "
                "AND newer.id > :id)").bindparams(bindparam("at", type_=UTCDateTime()),
                                                  bindparam("first_at", type_=UTCDateTime()),
                                                  bindparam("entries", type_=LargeBinary()))
@@ -305,18 +310,27 @@ def newest_run(session: Session, account: str) -> OpenRun | None:
                    bytes(row.run_evals or b""), bool(row.run_sealed))
 
 
-def seal_run(session: Session, run: OpenRun, at: datetime) -> None:
-    """A run that ended: its later evaluations go into the hash chain (one `decisions`/`run` link)."""
-    if run.count <= 1 or run.sealed:
-        return
+def seal_run(session: Session, row_id: int, at: datetime) -> None:
+    """End a row's run: no evaluation joins it any more, and its later evaluations (if any) go into the hash chain
+    (one `decisions`/`run` link), as the row is when the flag is set (another writer may have just joined it)."""
     conn = session.connection()
-    done = conn.execute(update(DecisionRow).where(DecisionRow.id == run.row_id, DecisionRow.run_sealed.is_(False))
+    done = conn.execute(update(DecisionRow).where(DecisionRow.id == row_id, DecisionRow.run_sealed.is_(False))
                         .values(run_sealed=True)).rowcount
-    run.sealed = True
-    if done:
+    if done and conn.execute(select(DecisionRow.run_count).where(DecisionRow.id == row_id)).scalar_one() > 1:
         from agent.audit import chain  # the chain imports the models; imported late, as the ledger does
 
-        chain.seal(conn, run.row_id, at)
+        chain.seal(conn, row_id, at)
+
+
+def seal_ended_runs(session: Session, now: datetime) -> int:
+    """End every run whose UTC hour is over (no evaluation can join it any more): chained now rather than at the
+    account's next evaluation, which may be months away (a paused account), so `db prune` is not held back."""
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    ended = session.scalars(select(DecisionRow.id).where(text(OPEN_RUN), DecisionRow.at < hour)
+                            .order_by(DecisionRow.id)).all()  # OPEN_RUN as written: the partial index answers
+    for row_id in ended:
+        seal_run(session, row_id, now)
+    return len(ended)
 
 
 def record_decision(session: Session, at: datetime, account: str, policy: str, policy_sha256: str | None,
@@ -324,10 +338,10 @@ def record_decision(session: Session, at: datetime, account: str, policy: str, p
                     transfer_id: int | None = None, action: str | None = None, taken_at: datetime | None = None,
                     runs: dict[str, OpenRun | None] | None = None) -> DecisionRow | None:
     """Write one evaluation. A no-op evaluation that repeats the account's newest row joins its run (an update:
-    the journal grows a few bytes, agent/ledger/journal.py); anything else is a row of its own, and ends the run
+    the journal grows a few bytes, agent/ledger/journal.py); anything else is a row of its own, and ends the row
     before it. `taken_at`: the reading's time (None without a reading). `runs`: the caller's memory of each
-    account's newest row (saves a read; checked by the update itself). Returns the new row, or None when the
-    evaluation joined a run."""
+    account's newest row (saves a read; checked by the update itself; the caller drops it when the transaction
+    fails). Returns the new row, or None when the evaluation joined a run."""
     values = decision_values(at, account, policy, policy_sha256, decision, currency, equity, equity_age_s,
                              transfer_id, action)
     record = _as_record(values, None)
@@ -335,7 +349,7 @@ def record_decision(session: Session, at: datetime, account: str, policy: str, p
     for attempt in range(2):
         if run is None or attempt:
             run = newest_run(session, account)
-        if run is None:
+        if run is None or run.sealed:
             break
         entry = journal.joinable(run.first, run.first_at, run.count, run.last_at, record, at, taken_at)
         if entry is None:
@@ -344,14 +358,15 @@ def record_decision(session: Session, at: datetime, account: str, policy: str, p
                                      "account": account, "first_at": run.first_at}).rowcount == 1:
             run.count, run.last_at, run.entries = run.count + 1, at, run.entries + entry
             if run.count >= journal.RUN_CAP:
-                seal_run(session, run, at)
+                seal_run(session, run.row_id, at)
+                run.sealed = True
             if runs is not None:
                 runs[account] = run
             return None
-    if run is None or runs is not None:  # the row before this one, from the database, to end its run
-        run = newest_run(session, account)
-    if run is not None:
-        seal_run(session, run, at)
+    # a row of its own: the newest row before it (read from the database, whatever was remembered) ends here
+    previous = newest_run(session, account)
+    if previous is not None and not previous.sealed:
+        seal_run(session, previous.row_id, at)
     row = DecisionRow(**values)
     session.add(row)
     session.flush()

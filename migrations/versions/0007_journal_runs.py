@@ -22,20 +22,24 @@ branch_labels = None
 depends_on = None
 
 WATCHED = ("transfers", "halts", "equity_peaks")
+OPEN_RUN = "NOT run_sealed AND run_count > 1"
 
 SQLITE_BUMP = """INSERT INTO account_versions(account, version) VALUES ({row}.account, 1)
     ON CONFLICT(account) DO UPDATE SET version = version + 1;"""
 
+# PostgreSQL: values from a sequence, which never hands out a number twice, even when a server crash drops the
+# newest commits (no-op decisions commit with synchronous_commit off): a counter could otherwise come back to a
+# value an engine already saw with other contents.
 POSTGRES_FUNCTION = """
 CREATE OR REPLACE FUNCTION fund_agent_bump_account_version() RETURNS trigger AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        INSERT INTO account_versions(account, version) VALUES (OLD.account, 1)
-        ON CONFLICT (account) DO UPDATE SET version = account_versions.version + 1;
+        INSERT INTO account_versions(account, version) VALUES (OLD.account, nextval('fund_agent_account_version_seq'))
+        ON CONFLICT (account) DO UPDATE SET version = EXCLUDED.version;
     END IF;
     IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.account IS DISTINCT FROM OLD.account) THEN
-        INSERT INTO account_versions(account, version) VALUES (NEW.account, 1)
-        ON CONFLICT (account) DO UPDATE SET version = account_versions.version + 1;
+        INSERT INTO account_versions(account, version) VALUES (NEW.account, nextval('fund_agent_account_version_seq'))
+        ON CONFLICT (account) DO UPDATE SET version = EXCLUDED.version;
     END IF;
     RETURN NULL;
 END
@@ -53,15 +57,24 @@ def upgrade() -> None:
     op.add_column("decisions", sa.Column("run_evals", sa.LargeBinary(), nullable=True))
     op.add_column("decisions", sa.Column("run_sealed", sa.Boolean(create_constraint=False), nullable=False,
                                          server_default=sa.false()))
+    # the newest row of an account by id (the row a repeated evaluation joins, the one a new row ends)
+    op.create_index("ix_decisions_account_id", "decisions", ["account", "id"])
+    # the runs not ended yet (at most one an account): the heartbeat ends those whose hour is over
+    op.create_index("ix_decisions_open_runs", "decisions", ["id"], sqlite_where=sa.text(OPEN_RUN),
+                    postgresql_where=sa.text(OPEN_RUN))
     op.create_table(
         "account_versions",
         sa.Column("account", sa.String(32), primary_key=True),
         sa.Column("version", sa.BigInteger(), nullable=False, server_default="0"),
     )
     if bind.dialect.name == "postgresql":
+        op.execute("CREATE SEQUENCE IF NOT EXISTS fund_agent_account_version_seq")
         op.execute(POSTGRES_FUNCTION)
         for table in WATCHED:
-            op.execute(f"CREATE TRIGGER trg_{table}_account_version AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            # deferred to the commit: the counter's row lock is then the last lock a writer takes, after the
+            # audit chain's head (which serializes writers), so no two writers ever wait on each other for it
+            op.execute(f"CREATE CONSTRAINT TRIGGER trg_{table}_account_version AFTER INSERT OR UPDATE OR DELETE "
+                       f"ON {table} DEFERRABLE INITIALLY DEFERRED "
                        "FOR EACH ROW EXECUTE FUNCTION fund_agent_bump_account_version()")
         return
     for table in WATCHED:
@@ -86,6 +99,9 @@ def downgrade() -> None:
                 op.execute(f"DROP TRIGGER IF EXISTS trg_{table}_version_{event}")
     if bind.dialect.name == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS fund_agent_bump_account_version()")
+        op.execute("DROP SEQUENCE IF EXISTS fund_agent_account_version_seq")
+    op.drop_index("ix_decisions_open_runs", "decisions")
+    op.drop_index("ix_decisions_account_id", "decisions")
     op.drop_table("account_versions")
     with op.batch_alter_table("decisions") as batch:
         for column in ("run_sealed", "run_evals", "run_last_at", "run_count"):
