@@ -5,6 +5,7 @@ report's point cap, the status page's last decisions, and which commits wait for
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -404,3 +405,48 @@ def test_runs_ended_by_the_heartbeat_do_not_hold_prune_back(tmp_path: Path) -> N
     assert problems == []
     assert not any(r["account"] == "MTRA1" for r in kept)  # A's 09:00-09:29 run went with its hour
     assert count >= 2
+
+
+def _journal_ledger(tmp_path: Path) -> tuple[Ledger, Path]:
+    db = tmp_path / "l.db"
+    ledger = Ledger.open(f"sqlite:///{db}")
+    runs: dict = {}
+    for m in range(5):  # row 1: a top-up-like error decision; row 2: a run of four no-op evaluations
+        at = T0 + timedelta(minutes=m)
+        reason = "evaluation failed: boom" if m == 0 else "nothing to do"
+        with ledger.journal_session() as s:
+            queries.record_decision(s, at, "MTRA1", "p", "sha", Decision("none", None, reason), "USD",
+                                    Decimal("1500"), 0, taken_at=at, runs=runs, action="error" if m == 0 else None)
+            s.commit()
+    return ledger, db
+
+
+def _problems(ledger: Ledger) -> list[str]:
+    with ledger.reader() as s:
+        return [str(p) for p in verifymod.verify(s.connection()).problems]
+
+
+@pytest.mark.parametrize(("sql", "named"), [
+    ("UPDATE decisions SET run_evals = X'ffffffff' WHERE id = 2", "decisions id 2: its run does not decode"),
+    ("UPDATE decisions SET run_count = 3 WHERE id = 2", "decisions id 2: its run counts 3"),
+    ("UPDATE decisions SET run_count = 0 WHERE id = 1", "decisions id 1: its run counts 0"),
+    ("UPDATE decisions SET run_count = -5 WHERE id = 1", "decisions id 1: its run counts -5"),
+])
+def test_an_edited_open_run_is_never_sealed_into_the_chain(tmp_path: Path, sql: str, named: str) -> None:
+    """An open run edited behind the agent's back stays named by `verify` after the account's next decision: the
+    agent does not chain a run it cannot read back as it wrote it."""
+    if not ledger_url(tmp_path / "l.db").startswith("sqlite"):
+        pytest.skip("tampers with the SQLite file directly")
+    ledger, db = _journal_ledger(tmp_path)
+    assert _problems(ledger) == []
+    with sqlite3.connect(db) as conn:
+        conn.execute(sql)
+    assert _problems(ledger)[0].startswith(named)
+    with ledger.journal_session() as s:  # the next, different decision ends the run
+        queries.record_decision(s, T0 + timedelta(minutes=6), "MTRA1", "p", "sha",
+                                Decision("none", None, "something else"), "USD", Decimal("1500"), 0,
+                                taken_at=T0 + timedelta(minutes=6), runs={})
+        s.commit()
+    problems = _problems(ledger)
+    ledger.close()
+    assert problems and problems[0].startswith(named), problems

@@ -286,31 +286,26 @@ def check_invariants(conn: Connection) -> list[Problem]:
 
 
 def check_open_runs(conn: Connection) -> list[Problem]:
-    """Runs of evaluations not chained yet (agent/ledger/journal.py): only an account's newest row may be one,
-    and its entries must decode to its count and last time (a sealed run is checked by its `run` link)."""
+    """Runs of evaluations (agent/ledger/journal.py): every row's run is well formed (a count of at least 1 that
+    its entries give, entries that decode, equities that are numbers), and only an account's newest row may be a
+    run not ended yet (an ended one is compared with its `run` link by check_contents)."""
     problems: list[Problem] = []
     if "run_count" not in {c["name"] for c in inspect(conn).get_columns("decisions")}:
         return problems  # a ledger before revision 0007 has no runs
     newer = aliased(DecisionRow)
-    open_runs = (select(DecisionRow.id, DecisionRow.at, DecisionRow.equity_age_s, DecisionRow.run_count,
-                        DecisionRow.run_last_at, DecisionRow.run_evals,
-                        exists().where(newer.account == DecisionRow.account, newer.id > DecisionRow.id))
-                 .where(DecisionRow.run_sealed.is_(False),
-                        or_(DecisionRow.run_count != 1, DecisionRow.run_evals.is_not(None),
-                            DecisionRow.run_last_at.is_not(None)))
-                 .order_by(DecisionRow.id))
-    for row_id, first_at, age, count, last_at, entries, superseded in _paged(conn, open_runs, DecisionRow.id):
+    runs = (select(DecisionRow.id, DecisionRow.at, DecisionRow.equity_age_s, DecisionRow.run_count,
+                   DecisionRow.run_last_at, DecisionRow.run_evals, DecisionRow.run_sealed,
+                   exists().where(newer.account == DecisionRow.account, newer.id > DecisionRow.id))
+            .where(or_(DecisionRow.run_count != 1, DecisionRow.run_evals.is_not(None),
+                       DecisionRow.run_last_at.is_not(None)))
+            .order_by(DecisionRow.id))
+    for row_id, first_at, age, count, last_at, entries, sealed, superseded in _paged(conn, runs, DecisionRow.id):
         where = Problem((ROWS, NO_LINK, int(row_id)), "decisions", int(row_id), "")
-        try:
-            evaluations = list(journal.decode(entries, first_at, age is not None))
-        except journal.JournalFormatError as exc:
-            problems.append(replace(where, what=f"its run does not decode: {exc} (edited)"))
-            continue
-        if superseded and count > 1:
+        wrong = journal.run_problem(first_at, age is not None, int(count), last_at, entries)
+        if wrong is not None:
+            problems.append(replace(where, what=f"{wrong} (edited)"))
+        elif superseded and count > 1 and not sealed:
             problems.append(replace(where, what="a run that ended is not in the hash chain (edited)"))
-        elif count != len(evaluations) + 1 or (evaluations and evaluations[-1].at != last_at):
-            problems.append(replace(where, what=f"its run counts {count} evaluations but holds "
-                                                f"{len(evaluations) + 1} (edited)"))
     return problems
 
 

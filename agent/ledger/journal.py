@@ -46,6 +46,30 @@ class Evaluation:
     equity: str | None  # None: the run's first evaluation's equity
 
 
+def run_problem(first_at: datetime, with_reading: bool, count: int, last_at: datetime | None,
+                entries: bytes | None) -> str | None:
+    """What is wrong with a row's run as stored (None: nothing): entries that do not decode, an equity that is
+    not a number, a count or a last time the entries do not give."""
+    if count < 1:
+        return f"its run counts {count} evaluations (at least 1)"
+    try:
+        evaluations = list(decode(entries, first_at, with_reading))
+    except JournalFormatError as exc:
+        return f"its run does not decode: {exc}"
+    for evaluation in evaluations:
+        if evaluation.equity is not None:
+            try:
+                Decimal(evaluation.equity)
+            except InvalidOperation:
+                return f"its run holds an equity that is not a number ({evaluation.equity[:20]!r})"
+    if count != len(evaluations) + 1:
+        return f"its run counts {count} evaluations but holds {len(evaluations) + 1}"
+    expected_last = evaluations[-1].at if evaluations else None
+    if (last_at if evaluations else None) != expected_last or (not evaluations and last_at not in (None, first_at)):
+        return "its run's last time is not its last evaluation's"
+    return None
+
+
 def micros(moment: datetime) -> int:
     delta = moment - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

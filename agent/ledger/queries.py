@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -28,6 +29,8 @@ from agent.ledger.models import (
 from agent.policy.evaluate import Decision, Usage
 from agent.policy.usage_book import HaltRecord, TransferRecord, UsageBook
 from agent.timeutil import iso
+
+log = logging.getLogger("agent.ledger")
 
 
 def amount_of(t: Transfer) -> Decimal:
@@ -314,6 +317,16 @@ def seal_run(session: Session, row_id: int, at: datetime) -> None:
     """End a row's run: no evaluation joins it any more, and its later evaluations (if any) go into the hash chain
     (one `decisions`/`run` link), as the row is when the flag is set (another writer may have just joined it)."""
     conn = session.connection()
+    stored = conn.execute(select(DecisionRow.at, DecisionRow.equity_age_s, DecisionRow.run_count,
+                                 DecisionRow.run_last_at, DecisionRow.run_evals)
+                          .where(DecisionRow.id == row_id, DecisionRow.run_sealed.is_(False))).first()
+    if stored is None:
+        return
+    wrong = journal.run_problem(stored[0], stored[1] is not None, int(stored[2]), stored[3], stored[4])
+    if wrong is not None:
+        # never chain what the agent did not write: the row stays open, and `verify` names it (exit 1)
+        log.error("decisions id %s: %s: left out of the hash chain; run `fund-agent verify`", row_id, wrong)
+        return
     done = conn.execute(update(DecisionRow).where(DecisionRow.id == row_id, DecisionRow.run_sealed.is_(False))
                         .values(run_sealed=True)).rowcount
     if done and conn.execute(select(DecisionRow.run_count).where(DecisionRow.id == row_id)).scalar_one() > 1:
@@ -452,7 +465,11 @@ def decision_records(rows: list[DecisionRow], filters: Filters, runs: bool = Fal
         elif row.run_count <= 1 and not row.run_evals:
             records.append(first)
         else:
-            records.extend(journal.expand_between(first, row.at, row.run_evals, filters.since, filters.until))
+            try:
+                records.extend(journal.expand_between(first, row.at, row.run_evals, filters.since, filters.until))
+            except journal.JournalFormatError as exc:
+                raise journal.JournalFormatError(f"decisions id {row.id}: {exc} (edited?): run `fund-agent verify`"
+                                                 ) from None
     return records
 
 
