@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Row, bindparam, select
 from sqlalchemy.orm import Session
 
-from agent import money
 from agent.ledger import journal, queries
 from agent.ledger.models import UNRESOLVED_STATES, DecisionRow, EquityPeak, Halt, Transfer
 from agent.policy.evaluate import usage_details
 from agent.policy.model import Policy
-from agent.policy.usage_book import HaltRecord, TransferRecord, UsageBook
+from agent.policy.usage_book import UsageBook
 from agent.timeutil import iso, utcnow
 
 if TYPE_CHECKING:
@@ -149,37 +148,26 @@ def _read_accounts(session: Session, accounts: list[str]) -> dict[str, _Ledgered
     peaks: dict[str, Decimal] = {}
     for chunk in _chunks(wanted):
         for row in conn.execute(
-                select(Transfer.account, Transfer.id, Transfer.kind, Transfer.state, Transfer.amount_minor,
-                       Transfer.currency, Transfer.created_at, Transfer.updated_at, Transfer.error_code)
+                select(Transfer.account, *queries.BOOK_TRANSFER_COLUMNS)
                 .where(Transfer.account.in_(chunk)).order_by(Transfer.id)):
             transfers[row.account].append(row)
-        # active halts, and cleared kill-switch halts (the kill switch counts from the last resume)
         for row in conn.execute(
-                select(Halt.account, Halt.id, Halt.kind, Halt.scope, Halt.reason, Halt.created_at, Halt.cleared_at,
-                       Halt.created_by)
-                .where(Halt.account.in_(chunk), Halt.cleared_at.is_(None) | (Halt.kind == "kill_switch"))
-                .order_by(Halt.id)):
+                select(Halt.account, *queries.BOOK_HALT_COLUMNS, Halt.created_by)
+                .where(Halt.account.in_(chunk), queries.BOOK_HALTS).order_by(Halt.id)):
             halts[row.account].append(row)
         peaks.update((account, Decimal(peak)) for account, peak in conn.execute(
             select(EquityPeak.account, EquityPeak.peak).where(EquityPeak.account.in_(chunk))))
     shown: list[int] = []  # the transfers shown whole: unresolved ones and each account's last failure
     for account, rows in transfers.items():
-        book = UsageBook(rows[0].currency if rows else "USD")
         failed = None
         for row in rows:
-            book.add_transfer(TransferRecord(row.id, row.kind, row.state,
-                                             money.from_minor(row.amount_minor, row.currency), row.created_at,
-                                             row.updated_at, row.error_code))
             if row.state in UNRESOLVED_STATES:
                 shown.append(row.id)
             if row.error_code is not None:
                 failed = row.id
         if failed is not None:
             shown.append(failed)
-        for halt in halts[account]:
-            book.add_halt(HaltRecord(halt.id, halt.kind, halt.scope, halt.reason, halt.created_at, halt.cleared_at))
-        book.peak = peaks.get(account)
-        found[account].book = book
+        found[account].book = queries.build_book(rows, halts[account], peaks.get(account))
         found[account].halts = [halt for halt in halts[account] if halt.cleared_at is None]
     whole: dict[int, Row[Any]] = {}
     for chunk in _chunks(sorted(set(shown))):

@@ -234,15 +234,25 @@ def write_prune(ledger, runs, account, at, reason="nothing to do"):
         s.commit()
 
 
-@pytest.mark.parametrize("cut_minutes", [15, 29, 31, 45, 61, 90, 150, 179, 200])
-def test_prune_paused_account(tmp_path: Path, cut_minutes: int) -> None:
-    ledger = Ledger.open(ledger_url(tmp_path / "l.db"))
-    runs: dict = {}
+def paused_beside_busy(ledger: Ledger, runs: dict, seal_every: int | None = None) -> None:
+    """Three hours of one-a-minute evaluations of B (its decision changes every 50 minutes) and A's first half
+    hour; `seal_every`: end the runs whose hour is over every so many minutes, as the heartbeat does."""
     for m in range(0, 180):
         at = T0 + timedelta(minutes=m)
         if m < 30:
             write_prune(ledger, runs, "MTRA1", at)
         write_prune(ledger, runs, "MTRB2", at, "nothing" if m % 50 else "other")
+        if seal_every and m % seal_every == 0:
+            with ledger.journal_session() as s:
+                queries.seal_ended_runs(s, at)
+                s.commit()
+
+
+@pytest.mark.parametrize("cut_minutes", [15, 29, 31, 45, 61, 90, 150, 179, 200])
+def test_prune_paused_account(tmp_path: Path, cut_minutes: int) -> None:
+    ledger = Ledger.open(ledger_url(tmp_path / "l.db"))
+    runs: dict = {}
+    paused_beside_busy(ledger, runs)
     write_prune(ledger, runs, "MTRA1", T0 + timedelta(minutes=180))    # A resumes: its 09:00-09:29 run sealed now
     with ledger.reader() as s:
         before = len(queries.decision_records(queries.list_decisions(s, queries.Filters()), queries.Filters()))
@@ -387,16 +397,7 @@ def test_runs_ended_by_the_heartbeat_do_not_hold_prune_back(tmp_path: Path) -> N
     """A paused account's run, ended when its hour is over (the service's heartbeat), is pruned once the cutoff is
     past the next hour (its `run` link is chained then, after that hour's first rows), not held back for good."""
     ledger = Ledger.open(ledger_url(tmp_path / "l.db"))
-    runs: dict = {}
-    for m in range(0, 180):
-        at = T0 + timedelta(minutes=m)
-        if m < 30:
-            write_prune(ledger, runs, "MTRA1", at)
-        write_prune(ledger, runs, "MTRB2", at, "nothing" if m % 50 else "other")
-        if m % 5 == 0:
-            with ledger.journal_session() as s:
-                queries.seal_ended_runs(s, at)
-                s.commit()
+    paused_beside_busy(ledger, {}, seal_every=5)
     count, _ = prune(ledger, T0 + timedelta(minutes=150), T0 + timedelta(days=3))
     with ledger.reader() as s:
         problems = [str(p) for p in verifymod.verify(s.connection()).problems]

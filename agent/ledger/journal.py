@@ -19,7 +19,6 @@ not yet in the chain; `verify` checks that they are consistent and that only the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -216,10 +215,6 @@ def last(first: dict[str, Any], first_at: datetime, entries: bytes | None) -> di
     for newest in records:  # noqa: B007 - the loop keeps the last one
         pass
     return newest
-
-
-def details_json(details: dict[str, Any] | None) -> str | None:
-    return json.dumps(details, sort_keys=True) if details else None
 
 
 def readings(first_at: datetime, equity: str | None, equity_age_s: int | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -89,18 +90,7 @@ def unresolved(session: Session, account: str | None = None) -> list[Transfer]:
     return list(session.scalars(query))
 
 
-# The state list in the literal form of the partial index uq_transfers_one_open_per_account, so that the
-# planner answers from that index (a bound IN list does not match a partial index's predicate).
-_UNRESOLVED_LITERAL = text("transfers.state IN ('pending','sent','unknown')")
-_HAS_UNRESOLVED = (select(Transfer.id).where(Transfer.account == bindparam("account"), _UNRESOLVED_LITERAL)
-                   .limit(1))
 _PEAK_OF = select(EquityPeak.peak).where(EquityPeak.account == bindparam("account"))
-
-
-def has_unresolved(session: Session, account: str) -> bool:
-    """Whether the account has a pending, sent or unknown transfer: one indexed row at most, no ORM object (every
-    tick asks it before deciding)."""
-    return session.execute(_HAS_UNRESOLVED, {"account": account}).first() is not None
 
 
 def active_halts(session: Session, account: str) -> list[Halt]:
@@ -158,25 +148,33 @@ def note_equity(session: Session, account: str, equity: Decimal, at: datetime) -
         row.at = at
 
 
+# What a UsageBook is built from: the account's transfers, its active halts and its cleared kill-switch halts (the
+# kill switch counts from the last resume), its peak. `load_book` reads one account; `status` reads many at once.
+BOOK_TRANSFER_COLUMNS = (Transfer.id, Transfer.kind, Transfer.state, Transfer.amount_minor, Transfer.currency,
+                         Transfer.created_at, Transfer.updated_at, Transfer.error_code)
+BOOK_HALT_COLUMNS = (Halt.id, Halt.kind, Halt.scope, Halt.reason, Halt.created_at, Halt.cleared_at)
+BOOK_HALTS = Halt.cleared_at.is_(None) | (Halt.kind == "kill_switch")
+
+
+def build_book(transfers: Sequence[Any], halts: Sequence[Any], peak: Decimal | None) -> UsageBook:
+    """A book from rows carrying BOOK_TRANSFER_COLUMNS and BOOK_HALT_COLUMNS (by name), each in id order."""
+    book = UsageBook(transfers[0].currency if transfers else "USD")
+    for t in transfers:
+        book.add_transfer(TransferRecord(t.id, t.kind, t.state, money.from_minor(t.amount_minor, t.currency),
+                                         t.created_at, t.updated_at, t.error_code))
+    for h in halts:
+        book.add_halt(HaltRecord(h.id, h.kind, h.scope, h.reason, h.created_at, h.cleared_at))
+    book.peak = peak
+    return book
+
+
 def load_book(session: Session, account: str) -> UsageBook:
     """The account's transfers, halts and peak as an in-memory book (three narrow queries, no ORM objects)."""
-    rows = session.execute(
-        select(Transfer.id, Transfer.kind, Transfer.state, Transfer.amount_minor, Transfer.currency,
-               Transfer.created_at, Transfer.updated_at, Transfer.error_code)
-        .where(Transfer.account == account).order_by(Transfer.id)).all()
-    book = UsageBook(rows[0][4] if rows else "USD")
-    for ident, kind, state, minor, currency, created_at, updated_at, error_code in rows:
-        book.add_transfer(TransferRecord(ident, kind, state, money.from_minor(minor, currency), created_at,
-                                         updated_at, error_code))
-    # active halts, and cleared kill-switch halts (the kill switch counts from the last resume)
-    halts = session.execute(
-        select(Halt.id, Halt.kind, Halt.scope, Halt.reason, Halt.created_at, Halt.cleared_at)
-        .where(Halt.account == account, Halt.cleared_at.is_(None) | (Halt.kind == "kill_switch"))
-        .order_by(Halt.id)).all()
-    for halt in halts:
-        book.add_halt(HaltRecord(*halt))
-    book.peak = peak_equity(session, account)
-    return book
+    transfers = session.execute(select(*BOOK_TRANSFER_COLUMNS).where(Transfer.account == account)
+                                .order_by(Transfer.id)).all()
+    halts = session.execute(select(*BOOK_HALT_COLUMNS).where(Halt.account == account, BOOK_HALTS)
+                            .order_by(Halt.id)).all()
+    return build_book(transfers, halts, peak_equity(session, account))
 
 
 _VERSION_OF = text("SELECT version FROM account_versions WHERE account = :account")
@@ -195,7 +193,6 @@ class Summaries:
 
     def __init__(self) -> None:
         self.books: dict[str, tuple[int, UsageBook]] = {}
-        self.reads = 0  # how many times a book was read from the ledger (tests, metrics)
 
     def book(self, session: Session, account: str) -> UsageBook:
         version = account_version(session, account)
@@ -203,12 +200,8 @@ class Summaries:
         if held is not None and held[0] == version:
             return held[1]
         book = load_book(session, account)
-        self.reads += 1
         self.books[account] = (version, book)
         return book
-
-    def forget(self, account: str) -> None:
-        self.books.pop(account, None)
 
 
 def usage(session: Session, account: str, now: datetime) -> Usage:
@@ -269,13 +262,6 @@ def decision_values(at: datetime, account: str, policy: str, policy_sha256: str 
             "equity_age_s": equity_age_s, "reason": decision.reason, "bound_by": decision.bound_by,
             "details": json.dumps(decision.details, sort_keys=True) if decision.details else None,
             "transfer_id": transfer_id}
-
-
-def _as_record(values: dict[str, Any], row_id: int | None) -> dict[str, Any]:
-    record = {k: v for k, v in values.items() if k not in ("details", "at")}
-    record.update(id=row_id, at=iso(values["at"]),
-                  details=json.loads(values["details"]) if values["details"] else {})
-    return record
 
 
 @dataclass
@@ -355,9 +341,9 @@ def record_decision(session: Session, at: datetime, account: str, policy: str, p
     before it. `taken_at`: the reading's time (None without a reading). `runs`: the caller's memory of each
     account's newest row (saves a read; checked by the update itself; the caller drops it when the transaction
     fails). Returns the new row, or None when the evaluation joined a run."""
-    values = decision_values(at, account, policy, policy_sha256, decision, currency, equity, equity_age_s,
-                             transfer_id, action)
-    record = _as_record(values, None)
+    row = DecisionRow(**decision_values(at, account, policy, policy_sha256, decision, currency, equity,
+                                       equity_age_s, transfer_id, action))
+    record = decision_record(row)  # as the row would read back (id aside); added to the session only if not joined
     run = runs.get(account) if runs is not None else None
     for attempt in range(2):
         if run is None or attempt:
@@ -380,11 +366,10 @@ def record_decision(session: Session, at: datetime, account: str, policy: str, p
     previous = newest_run(session, account)
     if previous is not None and not previous.sealed:
         seal_run(session, previous.row_id, at)
-    row = DecisionRow(**values)
     session.add(row)
     session.flush()
     if runs is not None:
-        runs[account] = OpenRun(row.id, _as_record(values, row.id), at, 1, at, b"", False)
+        runs[account] = OpenRun(row.id, decision_record(row), at, 1, at, b"", False)
     return row
 
 
